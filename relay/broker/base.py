@@ -1,0 +1,21 @@
+"""The broker contract: publish a channel message, receive the ones for channels we follow."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+# deliver(app_id, channel, data): hand one message to the local hub.
+DeliverFn = Callable[[str, str, str], None]
+
+
+class Broker(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def publish(self, app_id: str, channel: str, data: str) -> None: ...
+
+    async def subscribe(self, app_id: str, channel: str) -> None: ...
+
+    async def unsubscribe(self, app_id: str, channel: str) -> None: ...

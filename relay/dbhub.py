@@ -1,0 +1,233 @@
+"""Database events to sockets: db- channel subscribers and the permission filter.
+
+Subscribers of each repository are indexed by account and by user, so an
+event costs work in proportion to the sockets that may read it, not to all
+subscribers of the repository. Each event is encoded once per audience
+(created, updated, deleted) and spliced with each socket's id on send.
+
+A subscriber that resumes from a position is "catching up": live events for
+it are held back until its replay from the log has been sent, then released
+in order, so the seam between replay and live stream has no gap and no
+duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from relay import protocol
+from relay.auth import Identity
+from relay.hub import Socket
+from relay.permissions import Mode, can_read, mode_of
+
+log = logging.getLogger("relay.db")
+
+TYPE_BY_OP = {"c": "db_created", "u": "db_updated", "d": "db_deleted"}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One row of relay.events, at position (tick, seq)."""
+
+    tick: int
+    seq: int
+    repo: str
+    op: str  # 'c', 'u' or 'd'
+    row_id: str  # the id as JSON text
+    owner_id: str | None
+    account_id: str | None
+    old_owner_id: str | None = None
+    old_account_id: str | None = None
+    data: str | None = None  # the full new row as JSON text
+
+    @property
+    def pos(self) -> str:
+        return f"{self.tick}-{self.seq}"
+
+    def deleted_data(self) -> str:
+        return '{"id":' + self.row_id + "}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """Where a client is in the log: after event (tick, seq); seq None = after the whole tick."""
+
+    tick: int
+    seq: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Position:
+        tick, sep, seq = text.partition("-")
+        try:
+            return cls(int(tick), int(seq) if sep else None)
+        except ValueError:
+            raise ValueError(f"not a position: {text!r} (expected 'tick-seq' or 'tick')") from None
+
+    def before(self, event: Event) -> bool:
+        """True when ``event`` comes after this position."""
+        if event.tick != self.tick:
+            return event.tick > self.tick
+        return self.seq is not None and event.seq > self.seq
+
+    def __str__(self) -> str:
+        return str(self.tick) if self.seq is None else f"{self.tick}-{self.seq}"
+
+
+@dataclass
+class RepoSubscribers:
+    mode: Mode
+    everyone: set[Socket] = field(default_factory=set)
+    roots: set[Socket] = field(default_factory=set)
+    by_account: dict[str, set[Socket]] = field(default_factory=dict)
+    by_user: dict[str, set[Socket]] = field(default_factory=dict)
+    # Sockets replaying from the log, with the live frames held back for them.
+    catching_up: dict[Socket, list[str]] = field(default_factory=dict)
+
+    def add(self, socket: Socket) -> None:
+        ident = socket.identity
+        assert ident is not None
+        self.everyone.add(socket)
+        if ident.is_root:
+            self.roots.add(socket)
+        if ident.account_id is not None:
+            self.by_account.setdefault(ident.account_id, set()).add(socket)
+        self.by_user.setdefault(ident.user_id, set()).add(socket)
+
+    def remove(self, socket: Socket) -> None:
+        self.everyone.discard(socket)
+        self.roots.discard(socket)
+        self.catching_up.pop(socket, None)
+        for index in (self.by_account, self.by_user):
+            for key in [k for k, members in index.items() if socket in members]:
+                index[key].discard(socket)
+                if not index[key]:
+                    del index[key]
+
+    def readers(self, owner: str | None, account: str | None) -> set[Socket]:
+        if self.mode.everyone_reads:
+            return self.everyone
+        found = set(self.roots)
+        if self.mode.group_reads and account is not None:
+            found |= self.by_account.get(account, set())
+        if self.mode.owner_reads and owner is not None:
+            found |= self.by_user.get(owner, set())
+        return found
+
+
+class DbHub:
+    def __init__(self) -> None:
+        self.repos: dict[str, RepoSubscribers] = {}
+
+    def subscribe(self, socket: Socket, repo: str, catching_up: bool = False) -> None:
+        subs = self.repos.get(repo)
+        if subs is None:
+            subs = self.repos[repo] = RepoSubscribers(mode_of(repo))
+        subs.remove(socket)  # re-joining (perhaps as another user) re-indexes
+        subs.add(socket)
+        if catching_up:
+            subs.catching_up[socket] = []
+        socket.channels.add(protocol.DB_CHANNEL_PREFIX + repo)
+
+    def unsubscribe(self, socket: Socket, repo: str) -> None:
+        subs = self.repos.get(repo)
+        socket.channels.discard(protocol.DB_CHANNEL_PREFIX + repo)
+        if subs is None:
+            return
+        subs.remove(socket)
+        if not subs.everyone:
+            del self.repos[repo]
+
+    def unsubscribe_all(self, socket: Socket) -> None:
+        for name in list(socket.channels):
+            if protocol.is_db_channel(name):
+                self.unsubscribe(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
+
+    def dispatch(self, event: Event) -> None:
+        subs = self.repos.get(event.repo)
+        if subs is None:
+            return
+        channel = protocol.DB_CHANNEL_PREFIX + event.repo
+        for targets, type_, data in audiences(subs, event):
+            if targets:
+                tail = protocol.encode_tail(type_, data, channel, pos=event.pos)
+                self._send(subs, targets, tail)
+
+    @staticmethod
+    def _send(subs: RepoSubscribers, targets: Iterable[Socket], tail: str) -> None:
+        held = subs.catching_up
+        for s in targets:
+            text = protocol.with_sid(s.id, tail)
+            if held and s in held:
+                held[s].append(text)
+            else:
+                s.send(text)
+
+    def replay_chunk(
+        self, socket: Socket, repo: str, events: Iterable[Event], after: Position
+    ) -> int:
+        """Send a catching-up socket the events it missed (after ``after``) and may read."""
+        subs = self.repos.get(repo)
+        ident = socket.identity
+        if subs is None or socket not in subs.catching_up or ident is None:
+            return 0
+        channel = protocol.DB_CHANNEL_PREFIX + repo
+        sent = 0
+        for event in events:
+            if event.repo != repo or not after.before(event):
+                continue
+            for type_, data in audience_of(subs.mode, ident, event):
+                socket.send(protocol.encode(socket.id, type_, data, channel, pos=event.pos))
+                sent += 1
+        return sent
+
+    def release(self, socket: Socket, repo: str) -> None:
+        """End a replay: send what was held back meanwhile, then go live."""
+        subs = self.repos.get(repo)
+        if subs is None:
+            return
+        for text in subs.catching_up.pop(socket, []):
+            socket.send(text)
+
+
+def audiences(subs: RepoSubscribers, event: Event) -> list[tuple[Iterable[Socket], str, str]]:
+    """(sockets, frame type, data) for each audience of one event."""
+    if event.op == "c":
+        return [(subs.readers(event.owner_id, event.account_id), "db_created", event.data or "")]
+    if event.op == "d":
+        return [
+            (subs.readers(event.owner_id, event.account_id), "db_deleted", event.deleted_data())
+        ]
+    new = subs.readers(event.owner_id, event.account_id)
+    old = subs.readers(event.old_owner_id, event.old_account_id)
+    if new is old:  # everyone reads: no one gains or loses sight
+        return [(new, "db_updated", event.data or "")]
+    return [
+        (new & old, "db_updated", event.data or ""),
+        (old - new, "db_deleted", event.deleted_data()),
+        (new - old, "db_created", event.data or ""),
+    ]
+
+
+def audience_of(mode: Mode, ident: Identity, event: Event) -> list[tuple[str, str]]:
+    """The frames one subscriber gets for one event (the replay path's filter)."""
+
+    def sees(owner: str | None, account: str | None) -> bool:
+        return ident.is_root or can_read(mode, ident.user_id, ident.account_id, owner, account)
+
+    if event.op == "c":
+        return [("db_created", event.data or "")] if sees(event.owner_id, event.account_id) else []
+    if event.op == "d":
+        return (
+            [("db_deleted", event.deleted_data())] if sees(event.owner_id, event.account_id) else []
+        )
+    now = sees(event.owner_id, event.account_id)
+    before = sees(event.old_owner_id, event.old_account_id)
+    if now and before:
+        return [("db_updated", event.data or "")]
+    if before:
+        return [("db_deleted", event.deleted_data())]
+    if now:
+        return [("db_created", event.data or "")]
+    return []

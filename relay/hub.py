@@ -1,0 +1,182 @@
+"""The hub: connected sockets, the channels they joined, and fan-out.
+
+Each :class:`Socket` owns a bounded outgoing queue drained by one writer task,
+so a fan-out never awaits a slow client: it appends and moves on. A socket
+whose queue overflows is a slow consumer and is closed, so it can neither grow
+the server's memory nor hold up the rest of its channel.
+
+Channel messages travel through the broker (``relay.broker``) so that members
+connected to other relay processes receive them too; the hub delivers what
+the broker hands back to its own local members.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from relay import protocol
+from relay.auth import Identity
+from relay.protocol import CloseCode
+
+if TYPE_CHECKING:
+    from relay.broker.base import Broker
+
+log = logging.getLogger("relay.ws")
+
+ChannelKey = tuple[str, str]  # (app id, channel name)
+
+
+class Socket:
+    """One client connection: its identity, its channels and its send queue."""
+
+    def __init__(self, ws: web.WebSocketResponse, app_id: str, queue_limit: int) -> None:
+        self.id = str(uuid.uuid4())
+        self.app_id = app_id
+        self.ws = ws
+        self.identity: Identity | None = None
+        self.token: str | None = None
+        self.channels: set[str] = set()
+        self._queue: deque[str] = deque()
+        self._queue_limit = queue_limit
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._closing: CloseCode | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop(), name=f"writer-{self.id}")
+
+    def send(self, text: str) -> None:
+        """Queue one encoded frame; never blocks. Overflow closes the socket."""
+        if self._closing is not None:
+            return
+        if len(self._queue) >= self._queue_limit:
+            log.warning("slow consumer closed sid=%s queued=%d", self.id, len(self._queue))
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer: too many frames queued")
+            return
+        self._queue.append(text)
+        self._wake.set()
+
+    def reply(
+        self, type: str, data: str = "", channel: str = "", token: str = "", **extra: Any
+    ) -> None:
+        self.send(protocol.encode(self.id, type, data, channel, token, **extra))
+
+    async def wait_writable(self) -> None:
+        """Wait until the queue is at most half full (flow control for bulk sends)."""
+        while len(self._queue) > self._queue_limit // 2 and self._closing is None:
+            self._drained.clear()
+            await self._drained.wait()
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        """Close after the frames already queued (a slow consumer's are dropped)."""
+        if self._closing is not None:
+            return
+        self._closing = code
+        self._drained.set()
+        if code is CloseCode.SLOW_CONSUMER:
+            self._queue.clear()
+        self._close_reason = reason
+        self._wake.set()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing is not None
+
+    async def _write_loop(self) -> None:
+        ws = self.ws
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._queue:
+                    await ws.send_str(self._queue.popleft())
+                self._drained.set()
+                if self._closing is not None:
+                    await ws.close(code=self._closing, message=self._close_reason.encode())
+                    return
+        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+            # The peer went away or we are shutting down: nothing left to write to.
+            return
+
+    async def stop(self) -> None:
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+
+    async def flush_and_close(self, code: CloseCode, reason: str) -> None:
+        self.close(code, reason)
+        if self._writer is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._writer), timeout=2)
+
+
+class Hub:
+    """Local registry of sockets and chat channels, fed by the broker."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.sockets: dict[str, Socket] = {}
+        self._members: dict[ChannelKey, set[Socket]] = {}
+
+    def add(self, socket: Socket) -> None:
+        self.sockets[socket.id] = socket
+
+    async def remove(self, socket: Socket) -> None:
+        self.sockets.pop(socket.id, None)
+        for name in list(socket.channels):
+            if not protocol.is_db_channel(name):
+                await self.leave(socket, name)
+        socket.channels.clear()
+
+    def count(self, app_id: str) -> int:
+        return sum(1 for s in self.sockets.values() if s.app_id == app_id)
+
+    async def join(self, socket: Socket, name: str) -> None:
+        key = (socket.app_id, name)
+        members = self._members.get(key)
+        if members is None:
+            members = self._members[key] = set()
+            await self.broker.subscribe(socket.app_id, name)
+        members.add(socket)
+        socket.channels.add(name)
+
+    async def leave(self, socket: Socket, name: str) -> None:
+        key = (socket.app_id, name)
+        members = self._members.get(key)
+        socket.channels.discard(name)
+        if members is None:
+            return
+        members.discard(socket)
+        if not members:
+            del self._members[key]
+            await self.broker.unsubscribe(socket.app_id, name)
+
+    async def publish(self, app_id: str, channel: str, data: str) -> None:
+        await self.broker.publish(app_id, channel, data)
+
+    def deliver(self, app_id: str, channel: str, data: str) -> None:
+        """Called by the broker for every message on a channel this process follows."""
+        members = self._members.get((app_id, channel))
+        if members:
+            tail = protocol.encode_tail("chan_out", data, channel)
+            send_to(members, tail)
+
+    async def close_all(self, code: CloseCode, reason: str) -> None:
+        sockets = list(self.sockets.values())
+        await asyncio.gather(*(s.flush_and_close(code, reason) for s in sockets))
+
+
+def send_to(sockets: Iterable[Socket], tail: str) -> None:
+    """The one place a shared frame becomes per-socket text: splice each sid."""
+    for s in sockets:
+        s.send(protocol.with_sid(s.id, tail))

@@ -1,0 +1,140 @@
+"""The listener: follows relay.events and hands each committed event to the DbHub.
+
+It owns one dedicated asyncpg connection (a pool would ``UNLISTEN *`` on
+reset). NOTIFY on ``relay_events`` only wakes it up; it also polls, so a lost
+wake-up costs latency, never an event. Each round it asks PostgreSQL for a new
+tick and reads the events of the ticks it has not seen yet, in commit order.
+
+If the connection drops it reconnects with jittered exponential backoff and
+carries on from the last tick it dispatched, so nothing committed in between
+is skipped and nothing is dispatched twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from relay.dbhub import DbHub, Event
+
+log = logging.getLogger("relay.listener")
+
+CHANNEL = "relay_events"
+EVENTS_SQL = "SELECT * FROM relay.events_between($1, $2)"
+
+
+def event_from_record(r: Any) -> Event:
+    return Event(
+        tick=r["tick"],
+        seq=r["seq"],
+        repo=r["repo"],
+        op=r["op"],
+        row_id=r["row_id"],
+        owner_id=r["owner_id"],
+        account_id=r["account_id"],
+        old_owner_id=r["old_owner_id"],
+        old_account_id=r["old_account_id"],
+        data=r["data"],
+    )
+
+
+class Listener:
+    def __init__(
+        self,
+        url: str,
+        dbhub: DbHub,
+        poll_seconds: float = 1.0,
+        on_state: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.dbhub = dbhub
+        self.poll_seconds = poll_seconds
+        self.last_tick: int | None = None
+        self.connected = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._conn: asyncpg.Connection | None = None
+        self._on_state = on_state
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="relay-listener")
+        # The first connection must work, so a misconfigured relay fails fast.
+        await asyncio.wait_for(self.connected.wait(), timeout=30)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._conn is not None and not self._conn.is_closed():
+            await self._conn.close()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _on_notify(self, *_: object) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                conn = await asyncpg.connect(self.url)
+                self._conn = conn
+                await conn.add_listener(CHANNEL, self._on_notify)
+                conn.add_termination_listener(lambda _c: self._wake.set())
+                if self.last_tick is None:
+                    self.last_tick = await conn.fetchval("SELECT relay.tick()")
+                else:
+                    log.info("listener reconnected; catching up after tick %s", self.last_tick)
+                self.connected.set()
+                if self._on_state:
+                    self._on_state(True)
+                delay = 0.1
+                while not conn.is_closed():
+                    await self._drain(conn)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+                    self._wake.clear()
+                raise ConnectionError("listening connection closed")
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError) as exc:
+                self.connected.clear()
+                if self._on_state:
+                    self._on_state(False)
+                wait = delay * (0.5 + random.random())
+                log.warning(
+                    "listener connection lost error=%s reconnect_in=%.2fs",
+                    type(exc).__name__,
+                    wait,
+                )
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, 5.0)
+            finally:
+                conn_ = self._conn
+                if conn_ is not None and not conn_.is_closed():
+                    conn_.terminate()
+
+    async def _drain(self, conn: asyncpg.Connection) -> None:
+        """Dispatch every event committed since the last tick, tick by tick."""
+        while True:
+            tick = await conn.fetchval("SELECT relay.tick()")
+            assert self.last_tick is not None
+            if tick <= self.last_tick:
+                return
+            rows = await conn.fetch(EVENTS_SQL, self.last_tick, tick)
+            # Synchronous from here: dispatch and the tick mark move together, so
+            # a replay that reads last_tick never overlaps what was dispatched.
+            for row in rows:
+                try:
+                    self.dbhub.dispatch(event_from_record(row))
+                except Exception:
+                    log.exception("dispatch failed repo=%s seq=%s", row["repo"], row["seq"])
+            self.last_tick = tick

@@ -1,0 +1,100 @@
+"""Repositories: watched tables. Create, watch, list and unwatch them.
+
+The work is done by the SQL functions relay.watch() and relay.unwatch()
+(``sql/relay.sql``), so a DBA can do the same by hand with psql.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import asyncpg
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+
+
+class RepoError(Exception):
+    pass
+
+
+def quote_table(qualified: str) -> str:
+    """'tasks_760_' or 'app.tasks' -> a safely quoted SQL name."""
+    parts = qualified.split(".")
+    if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
+        raise RepoError(
+            f"not a table name: {qualified!r} (letters, digits and _, optionally SCHEMA.TABLE)"
+        )
+    return ".".join('"' + p + '"' for p in parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Repo:
+    repo: str
+    table: str
+    id_column: str
+    owner_column: str | None
+    account_column: str | None
+    mode: str
+
+
+async def create_repo(conn: asyncpg.Connection, name: str) -> str:
+    """Create a repository table with the standard columns, and watch it. Idempotent."""
+    table = quote_table(name)
+    async with conn.transaction():
+        await conn.execute(
+            f"""
+            CREATE TABLE IF NOT EXISTS {table} (
+                id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+                account_id  text,
+                owner_id    text,
+                created_at  timestamptz NOT NULL DEFAULT now(),
+                updated_at  timestamptz NOT NULL DEFAULT now(),
+                data        jsonb NOT NULL DEFAULT '{{}}'::jsonb
+            )"""
+        )
+        repo: str = await conn.fetchval(
+            "SELECT relay.watch($1::regclass, 'id', 'owner_id', 'account_id')", table
+        )
+    return repo
+
+
+async def watch(
+    conn: asyncpg.Connection,
+    name: str,
+    id_column: str = "id",
+    owner_column: str | None = None,
+    account_column: str | None = None,
+) -> str:
+    table = quote_table(name)
+    try:
+        repo: str = await conn.fetchval(
+            "SELECT relay.watch($1::regclass, $2, $3, $4)",
+            table,
+            id_column,
+            owner_column,
+            account_column,
+        )
+    except (asyncpg.UndefinedTableError, asyncpg.RaiseError, asyncpg.UniqueViolationError) as err:
+        raise RepoError(str(err)) from None
+    return repo
+
+
+async def unwatch(conn: asyncpg.Connection, name: str) -> bool:
+    table = quote_table(name)
+    try:
+        removed: bool = await conn.fetchval("SELECT relay.unwatch($1::regclass)", table)
+    except asyncpg.UndefinedTableError as err:
+        raise RepoError(str(err)) from None
+    return removed
+
+
+async def list_repos(conn: asyncpg.Connection) -> list[Repo]:
+    rows = await conn.fetch(
+        "SELECT repo, table_oid::text AS tbl, id_column, owner_column, account_column, mode"
+        " FROM relay.watched ORDER BY repo"
+    )
+    return [
+        Repo(r["repo"], r["tbl"], r["id_column"], r["owner_column"], r["account_column"], r["mode"])
+        for r in rows
+    ]

@@ -1,0 +1,320 @@
+"""The aiohttp application: ``/ws`` speaking the wire contract, and ``/healthz``.
+
+The pool, the broker and the listener start and stop in ``cleanup_ctx``; on
+shutdown every socket gets a close frame with code 1001.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+from aiohttp import WSMsgType, web
+
+from relay import protocol
+from relay.auth import TokenVerifier, new_socket_token, same_token
+from relay.broker import Broker, create_broker
+from relay.config import Settings
+from relay.dbhub import DbHub, Position
+from relay.hub import Hub, Socket
+from relay.listener import EVENTS_SQL, Listener, event_from_record
+from relay.plans import App, AppDirectory
+from relay.protocol import ClientFrame, CloseCode, InvalidToken, RelayError
+
+log = logging.getLogger("relay.ws")
+
+# Frames above this are cut by aiohttp itself (close code 1009); frames between
+# settings.max_frame_bytes and this get an error frame and the socket carries on.
+HARD_FRAME_LIMIT = 16 * 1024 * 1024
+CHANNEL_NAME = re.compile(r"^[A-Za-z0-9_\-.:@/]+$")
+# More errors than this within ERROR_WINDOW seconds closes the socket (code 4000).
+ERROR_BUDGET = 100
+ERROR_WINDOW = 10.0
+REPLAY_CHUNK = 200
+
+
+@dataclass
+class RelayState:
+    settings: Settings
+    database_url: str
+    verifier: TokenVerifier
+    hub: Hub = field(init=False)
+    dbhub: DbHub = field(default_factory=DbHub)
+    broker: Broker = field(init=False)
+    pool: asyncpg.Pool | None = None
+    listener: Listener | None = None
+    apps: AppDirectory | None = None
+    per_app: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, list[float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.broker = create_broker(self.settings.broker_url, self._deliver)
+        self.hub = Hub(self.broker)
+
+    def _deliver(self, app_id: str, channel: str, data: str) -> None:
+        self.hub.deliver(app_id, channel, data)
+
+
+STATE = web.AppKey("relay_state", RelayState)
+
+
+def create_app(settings: Settings, database_url: str, jwt_secret: str | None) -> web.Application:
+    verifier = TokenVerifier(
+        secret=jwt_secret,
+        public_key=settings.jwt_public_key,
+        account_claim=settings.jwt_account_claim,
+    )
+    state = RelayState(settings=settings, database_url=database_url, verifier=verifier)
+    app = web.Application()
+    app[STATE] = state
+    app.router.add_get("/ws", websocket)
+    app.router.add_get("/healthz", healthz)
+    app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_close_sockets)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    state.pool = await asyncpg.create_pool(state.database_url, min_size=1, max_size=10)
+    state.apps = AppDirectory(state.pool, state.settings.max_connections)
+    await state.broker.start()
+    state.listener = Listener(
+        state.database_url, state.dbhub, poll_seconds=state.settings.poll_seconds
+    )
+    await state.listener.start()
+    log.info("relay ready")
+    yield
+    await state.listener.stop()
+    await state.broker.close()
+    await state.pool.close()
+
+
+async def _close_sockets(app: web.Application) -> None:
+    await app[STATE].hub.close_all(CloseCode.GOING_AWAY, "server shutting down")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    listening = state.listener is not None and state.listener.connected.is_set()
+    return web.json_response(
+        {"status": "ok", "sockets": len(state.hub.sockets), "listener": listening}
+    )
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    assert state.apps is not None
+    public_key = request.headers.get("SB-PUBLIC-KEY") or request.query.get("pk") or ""
+    app = await state.apps.lookup(public_key)
+    if app is not None and not app.allows_origin(request.headers.get("Origin")):
+        log.info("origin refused app=%s", app.id)
+        raise web.HTTPForbidden(text="origin not allowed for this app")
+
+    ws = web.WebSocketResponse(
+        heartbeat=state.settings.heartbeat_seconds or None,
+        max_msg_size=HARD_FRAME_LIMIT,
+    )
+    await ws.prepare(request)
+    if app is None:
+        await _refuse(ws, "unknown app: no app has this public key")
+        return ws
+    if app.max_connections is not None and state.per_app.get(app.id, 0) >= app.max_connections:
+        log.info("connection refused app=%s reason=limit cap=%s", app.id, app.max_connections)
+        await _refuse(ws, f"connection limit reached: this app allows {app.max_connections}")
+        return ws
+
+    socket = Socket(ws, app.id, state.settings.send_queue_frames)
+    state.per_app[app.id] = state.per_app.get(app.id, 0) + 1
+    state.hub.add(socket)
+    socket.start()
+    socket.send(protocol.encode("", "init", socket.id))
+    log.info("connected sid=%s app=%s", socket.id, app.id)
+    try:
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT:
+                await _handle(state, app, socket, msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                _report(
+                    state, socket, RelayError("binary frames are not supported: send JSON text")
+                )
+            elif msg.type is WSMsgType.ERROR:
+                log.info("socket error sid=%s error=%s", socket.id, ws.exception())
+                break
+            if socket.closing:
+                break
+    finally:
+        state.per_app[app.id] -= 1
+        state.dbhub.unsubscribe_all(socket)
+        await state.hub.remove(socket)
+        state.errors.pop(socket.id, None)
+        await socket.flush_and_close(CloseCode.GOING_AWAY, "")
+        log.info("disconnected sid=%s app=%s code=%s", socket.id, app.id, ws.close_code)
+    return ws
+
+
+async def _refuse(ws: web.WebSocketResponse, reason: str) -> None:
+    await ws.send_str(protocol.encode("", "error", reason))
+    await ws.close(code=CloseCode.POLICY, message=reason.encode()[:120])
+
+
+Handler = Callable[[RelayState, App, Socket, ClientFrame], Awaitable[None]]
+
+
+async def _handle(state: RelayState, app: App, socket: Socket, raw: str) -> None:
+    frame: ClientFrame | None = None
+    try:
+        frame = protocol.parse_frame(raw, state.settings.max_frame_bytes)
+        if frame.sid and frame.sid != socket.id:
+            raise RelayError("sid does not match this socket: send your own socket id or none")
+        handler = HANDLERS.get(frame.type)
+        if handler is None:
+            raise RelayError(
+                f"unknown type {frame.type[:40]!r}: expected one of echo, auth, join, chan_in"
+            )
+        await handler(state, app, socket, frame)
+    except RelayError as err:
+        _report(state, socket, err, frame)
+
+
+def _report(
+    state: RelayState, socket: Socket, err: RelayError, frame: ClientFrame | None = None
+) -> None:
+    channel = (frame.channel or "") if frame else ""
+    if frame is not None and frame.type == "join" and frame.data:
+        channel = frame.data[: state.settings.max_channel_name]
+    socket.reply("error", err.message, channel=channel)
+    log.info("client error sid=%s channel=%s error=%s", socket.id, channel, err.message)
+    now = time.monotonic()
+    recent = [t for t in state.errors.get(socket.id, []) if now - t < ERROR_WINDOW]
+    recent.append(now)
+    state.errors[socket.id] = recent
+    if err.close_code is not None or len(recent) > ERROR_BUDGET:
+        code = err.close_code or CloseCode.ABUSE
+        log.warning("closing abusive socket sid=%s code=%s", socket.id, int(code))
+        socket.close(code, "too many errors" if code is CloseCode.ABUSE else err.message)
+
+
+def _require_auth(socket: Socket, frame: ClientFrame) -> None:
+    if not same_token(socket.token, frame.token):
+        raise InvalidToken()
+    ident = socket.identity
+    if ident is not None and ident.expires_at is not None and ident.expires_at < time.time():
+        raise RelayError("session expired: send auth with a fresh session token")
+
+
+async def on_echo(state: RelayState, app: App, socket: Socket, frame: ClientFrame) -> None:
+    socket.reply("echo", "echo: " + (frame.data or ""))
+
+
+async def on_auth(state: RelayState, app: App, socket: Socket, frame: ClientFrame) -> None:
+    identity = state.verifier.verify(frame.data or "")
+    if identity is None:
+        raise InvalidToken()
+    previous = socket.identity
+    socket.identity = identity
+    socket.token = new_socket_token()
+    if previous is not None and previous != identity:
+        # Re-index db subscriptions under the new identity.
+        for name in list(socket.channels):
+            if protocol.is_db_channel(name):
+                state.dbhub.subscribe(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
+    socket.reply("token", socket.token)
+
+
+def _check_channel_name(state: RelayState, name: str) -> None:
+    limit = state.settings.max_channel_name
+    if len(name) > limit:
+        raise RelayError(f"channel name too long: {len(name)} characters, the limit is {limit}")
+    if not CHANNEL_NAME.match(name):
+        raise RelayError("channel name may contain only letters, digits and _ - . : @ /")
+
+
+async def on_join(state: RelayState, app: App, socket: Socket, frame: ClientFrame) -> None:
+    _require_auth(socket, frame)
+    name = frame.data
+    if not name:
+        raise RelayError("join needs the channel name in 'data'")
+    _check_channel_name(state, name)
+    limit = app.max_channels_per_socket or state.settings.max_channels_per_socket
+    if name not in socket.channels and len(socket.channels) >= limit:
+        raise RelayError(f"too many channels: a socket may join at most {limit}")
+    if protocol.is_db_channel(name):
+        await _join_db(state, socket, frame, name)
+        return
+    await state.hub.join(socket, name)
+    socket.reply("joined", name, channel=name)
+
+
+async def _join_db(state: RelayState, socket: Socket, frame: ClientFrame, name: str) -> None:
+    assert state.pool is not None and state.listener is not None
+    repo = name[len(protocol.DB_CHANNEL_PREFIX) :]
+    watched = await state.pool.fetchval("SELECT 1 FROM relay.watched WHERE repo = $1", repo)
+    if not watched:
+        raise RelayError(f"cannot join {name}: {repo!r} is not a watched table")
+    after_text = frame.get("after")
+    after: Position | None = None
+    if after_text:
+        try:
+            after = Position.parse(after_text)
+        except ValueError as err:
+            raise RelayError(str(err)) from None
+        oldest = await state.pool.fetchval("SELECT min(id) FROM relay.ticks")
+        upto_now = state.listener.last_tick or 0
+        if after.tick < oldest or (after.tick == oldest and after.seq is not None):
+            raise RelayError(
+                f"position {after} is older than the event log keeps: "
+                "reload the data, then join without 'after'"
+            )
+        if after.tick > upto_now:
+            raise RelayError(f"position {after} is unknown to this relay")
+    # Subscribing and reading the listener's mark happen in one step of the
+    # event loop: whatever is dispatched from now on is in a later tick.
+    state.dbhub.subscribe(socket, repo, catching_up=after is not None)
+    upto = state.listener.last_tick or 0
+    socket.reply("joined", name, channel=name, pos=str(Position(upto)))
+    if after is None:
+        return
+    try:
+        first = after.tick if after.seq is None else after.tick - 1
+        rows = await state.pool.fetch(EVENTS_SQL, first, upto)
+    except (asyncpg.PostgresError, OSError) as err:
+        state.dbhub.unsubscribe(socket, repo)
+        raise RelayError("could not read the event log; join again shortly") from err
+    events = [event_from_record(r) for r in rows]
+    sent = 0
+    for start in range(0, len(events), REPLAY_CHUNK):
+        await socket.wait_writable()
+        if socket.closing:
+            return
+        chunk = events[start : start + REPLAY_CHUNK]
+        sent += state.dbhub.replay_chunk(socket, repo, chunk, after)
+    state.dbhub.release(socket, repo)
+    log.info("replayed sid=%s channel=%s after=%s events=%d", socket.id, name, after, sent)
+
+
+async def on_chan_in(state: RelayState, app: App, socket: Socket, frame: ClientFrame) -> None:
+    _require_auth(socket, frame)
+    channel = frame.channel
+    if not channel:
+        raise RelayError("chan_in needs 'channel'")
+    if protocol.is_db_channel(channel):
+        raise RelayError("you cannot write to a database channel")
+    if channel not in socket.channels:
+        raise RelayError(f"not a member of {channel[:80]!r}: join it first")
+    socket.reply("ok", channel=channel)
+    await state.hub.publish(socket.app_id, channel, frame.data or "")
+
+
+HANDLERS: dict[str, Handler] = {
+    "echo": on_echo,
+    "auth": on_auth,
+    "join": on_join,
+    "chan_in": on_chan_in,
+}
+
+__all__ = ["STATE", "RelayState", "create_app"]
