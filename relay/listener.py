@@ -26,6 +26,8 @@ from relay.dbhub import DbHub, Event
 log = logging.getLogger("relay.listener")
 
 CHANNEL = "relay_events"
+# Shown in pg_stat_activity, so operators (and tests) can find the listening connection.
+APPLICATION_NAME = "relay-listener"
 EVENTS_SQL = "SELECT * FROM relay.events_between($1, $2)"
 
 
@@ -85,7 +87,9 @@ class Listener:
         delay = 0.1
         while True:
             try:
-                conn = await asyncpg.connect(self.url)
+                conn = await asyncpg.connect(
+                    self.url, server_settings={"application_name": APPLICATION_NAME}
+                )
                 self._conn = conn
                 await conn.add_listener(CHANNEL, self._on_notify)
                 conn.add_termination_listener(lambda _c: self._wake.set())
