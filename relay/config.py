@@ -47,6 +47,10 @@ class Settings:
     heartbeat_seconds: float = 30.0
     # How long the listener waits for a wake-up before polling the event log anyway.
     poll_seconds: float = 1.0
+    # Event log retention: by age and by size (None: no size cap); pruned every prune_seconds.
+    event_retention_seconds: int = 24 * 3600
+    event_retention_rows: int | None = 10_000_000
+    prune_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -64,6 +68,11 @@ class Settings:
         if env.get("RELAY_MAX_CONNECTIONS"):
             settings.max_connections = _int(env, "RELAY_MAX_CONNECTIONS", 0)
         settings.max_frame_bytes = _int(env, "RELAY_MAX_FRAME_BYTES", settings.max_frame_bytes)
+        if env.get("RELAY_EVENT_RETENTION"):
+            settings.event_retention_seconds = _duration(env, "RELAY_EVENT_RETENTION")
+        if env.get("RELAY_EVENT_RETENTION_ROWS"):
+            rows = _int(env, "RELAY_EVENT_RETENTION_ROWS", 0)
+            settings.event_retention_rows = rows or None
         settings.heartbeat_seconds = float(
             env.get("RELAY_HEARTBEAT_SECONDS") or settings.heartbeat_seconds
         )
@@ -101,3 +110,12 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+
+
+def _duration(env: Mapping[str, str], name: str) -> int:
+    from relay.auth import parse_ttl
+
+    try:
+        return parse_ttl(env[name])
+    except ValueError:
+        raise ConfigError(f"{name} must be a duration like 90s, 15m, 24h or 7d") from None

@@ -6,6 +6,8 @@ shutdown every socket gets a close frame with code 1001.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -87,11 +89,34 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         state.database_url, state.dbhub, poll_seconds=state.settings.poll_seconds
     )
     await state.listener.start()
+    pruner = asyncio.create_task(_prune_forever(state), name="relay-pruner")
     log.info("relay ready")
     yield
+    pruner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await pruner
     await state.listener.stop()
     await state.broker.close()
     await state.pool.close()
+
+
+async def _prune_forever(state: RelayState) -> None:
+    """Keep the event log within its retention window (age and size)."""
+    assert state.pool is not None
+    settings = state.settings
+    while True:
+        await asyncio.sleep(settings.prune_seconds)
+        try:
+            removed = await state.pool.fetchval(
+                "SELECT relay.prune(make_interval(secs => $1), $2)",
+                float(settings.event_retention_seconds),
+                settings.event_retention_rows,
+            )
+        except (asyncpg.PostgresError, OSError) as err:
+            log.warning("event log prune failed error=%s", type(err).__name__)
+            continue
+        if removed:
+            log.info("event log pruned events=%d", removed)
 
 
 async def _close_sockets(app: web.Application) -> None:
@@ -186,7 +211,9 @@ def _report(
 ) -> None:
     channel = (frame.channel or "") if frame else ""
     if frame is not None and frame.type == "join" and frame.data:
-        channel = frame.data[: state.settings.max_channel_name]
+        channel = frame.data
+    # Never echo a client's oversized channel name back (or into the log) whole.
+    channel = channel[: state.settings.max_channel_name]
     socket.reply("error", err.message, channel=channel)
     log.info("client error sid=%s channel=%s error=%s", socket.id, channel, err.message)
     now = time.monotonic()

@@ -61,6 +61,8 @@ CREATE TABLE IF NOT EXISTS relay.events (
     data            json
 );
 CREATE INDEX IF NOT EXISTS events_xid ON relay.events (xid);
+-- seq only grows, so a BRIN index is tiny and nearly free to maintain.
+CREATE INDEX IF NOT EXISTS events_seq ON relay.events USING brin (seq);
 
 -- Consecutive snapshots that cut the log into commit-ordered batches.
 CREATE TABLE IF NOT EXISTS relay.ticks (
@@ -123,24 +125,39 @@ LANGUAGE sql STABLE AS $$
     ORDER BY t.id, e.seq
 $$;
 
--- Drop the log older than the retention window, keeping at least the newest
--- tick. Ticks older than the oldest kept one can no longer be resumed from.
--- Deletes only rows no writer can still be touching, so writers never wait.
-CREATE OR REPLACE FUNCTION relay.prune(keep interval, keep_ticks integer DEFAULT 1)
+-- Drop the log outside the retention window: events older than "keep", and
+-- beyond the newest "max_rows" events (NULL: no size cap). Positions in ticks
+-- older than the oldest kept tick can no longer be resumed from; clients get
+-- a "reload" error instead of silently missing events. Only a DELETE of rows
+-- no writer can still touch, so writers never wait; concurrent prunes (from
+-- several relay processes) skip instead of queueing.
+CREATE OR REPLACE FUNCTION relay.prune(keep interval, max_rows bigint DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     boundary_id   bigint;
+    by_size_id    bigint;
     boundary_snap pg_snapshot;
+    oldest_kept   xid8;
     removed       bigint;
 BEGIN
-    SELECT id, snapshot INTO boundary_id, boundary_snap FROM relay.ticks
-    WHERE created_at <= now() - keep
-      AND id <= (SELECT max(id) FROM relay.ticks) - greatest(keep_ticks, 1) + 1
-    ORDER BY id DESC LIMIT 1;
+    IF NOT pg_try_advisory_xact_lock(hashtext('relay.prune')) THEN
+        RETURN 0;
+    END IF;
+    SELECT max(id) INTO boundary_id FROM relay.ticks WHERE created_at <= now() - keep;
+    IF max_rows IS NOT NULL THEN
+        SELECT min(e.xid) INTO oldest_kept FROM relay.events e
+        WHERE e.seq > (SELECT max(seq) FROM relay.events) - max_rows;
+        IF oldest_kept IS NOT NULL THEN
+            SELECT max(id) INTO by_size_id FROM relay.ticks
+            WHERE pg_snapshot_xmin(snapshot) <= oldest_kept;
+            boundary_id := greatest(boundary_id, by_size_id);
+        END IF;
+    END IF;
     IF boundary_id IS NULL THEN
         RETURN 0;
     END IF;
+    SELECT snapshot INTO boundary_snap FROM relay.ticks WHERE id = boundary_id;
     -- Every event older than the boundary snapshot's xmin belongs to a tick
     -- at or before the boundary; the boundary tick itself stays as the lower
     -- edge of the next one.
