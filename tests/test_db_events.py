@@ -49,7 +49,8 @@ async def subscribers(relay_handle, client, name: str) -> dict[str, WsClient]:
 
 async def insert(db: asyncpg.Connection, name: str, owner: str | None, account: str | None) -> str:
     row_id: str = await db.fetchval(
-        f"INSERT INTO {name} (owner_id, account_id, data) VALUES ($1, $2, '{{}}') RETURNING id::text",
+        f"INSERT INTO {name} (owner_id, account_id, data) VALUES ($1, $2, '{{}}')"
+        " RETURNING id::text",
         owner,
         account,
     )
