@@ -1,9 +1,12 @@
 """The listener: follows relay.events and hands each committed event to the DbHub.
 
 It owns one dedicated asyncpg connection (a pool would ``UNLISTEN *`` on
-reset). NOTIFY on ``relay_events`` only wakes it up; it also polls, so a lost
-wake-up costs latency, never an event. Each round it asks PostgreSQL for a new
-tick and reads the events of the ticks it has not seen yet, in commit order.
+reset). While events flow it polls the log every few milliseconds; when the
+log goes quiet it tells the writers (relay.listeners.sleeping) to NOTIFY
+``relay_events`` and sleeps until one does, or until the safety poll timer
+fires, so a lost wake-up costs latency, never an event (the handshake is
+explained in sql/relay.sql). Each round asks PostgreSQL for a new tick and
+reads the events of the ticks not seen yet, in commit order.
 
 If the connection drops it reconnects with jittered exponential backoff and
 carries on from the last tick it dispatched, so nothing committed in between
@@ -29,6 +32,18 @@ CHANNEL = "relay_events"
 # Shown in pg_stat_activity, so operators (and tests) can find the listening connection.
 APPLICATION_NAME = "relay-listener"
 EVENTS_SQL = "SELECT * FROM relay.events_between($1, $2)"
+# Register this connection (and forget listeners whose backend is gone).
+REGISTER_SQL = """
+DELETE FROM relay.listeners WHERE pid NOT IN (SELECT pid FROM pg_stat_activity);
+INSERT INTO relay.listeners (pid, sleeping) VALUES (pg_backend_pid(), false)
+ON CONFLICT (pid) DO UPDATE SET sleeping = false, since = now();
+"""
+RUNNING_SQL = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_snapshot_xip($1::text::pg_snapshot) AS x
+    WHERE pg_xact_status(x) = 'in progress'
+)
+"""
 
 
 def event_from_record(r: Any) -> Event:
@@ -52,11 +67,15 @@ class Listener:
         url: str,
         dbhub: DbHub,
         poll_seconds: float = 1.0,
+        busy_poll_seconds: float = 0.005,
+        idle_after_seconds: float = 0.2,
         on_state: Callable[[bool], None] | None = None,
     ) -> None:
         self.url = url
         self.dbhub = dbhub
         self.poll_seconds = poll_seconds
+        self.busy_poll_seconds = busy_poll_seconds
+        self.idle_after_seconds = idle_after_seconds
         self.last_tick: int | None = None
         self.connected = asyncio.Event()
         self._wake = asyncio.Event()
@@ -75,7 +94,7 @@ class Listener:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._conn is not None and not self._conn.is_closed():
-            await self._conn.close()
+            self._conn.terminate()  # a cancelled query may still own the connection
 
     def wake(self) -> None:
         self._wake.set()
@@ -93,6 +112,7 @@ class Listener:
                 self._conn = conn
                 await conn.add_listener(CHANNEL, self._on_notify)
                 conn.add_termination_listener(lambda _c: self._wake.set())
+                await conn.execute(REGISTER_SQL)
                 if self.last_tick is None:
                     self.last_tick = await conn.fetchval("SELECT relay.tick()")
                 else:
@@ -101,22 +121,22 @@ class Listener:
                 if self._on_state:
                     self._on_state(True)
                 delay = 0.1
-                while not conn.is_closed():
-                    await self._drain(conn)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
-                    self._wake.clear()
+                await self._follow(conn)
                 raise ConnectionError("listening connection closed")
             except asyncio.CancelledError:
                 raise
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError) as exc:
+            except Exception as exc:
+                # Whatever broke (network, server, a protocol state asyncpg
+                # could not recover from), the listener must not die: start over
+                # on a new connection from the last dispatched tick.
                 self.connected.clear()
                 if self._on_state:
                     self._on_state(False)
                 wait = delay * (0.5 + random.random())
                 log.warning(
-                    "listener connection lost error=%s reconnect_in=%.2fs",
+                    "listener connection lost error=%s detail=%s reconnect_in=%.2fs",
                     type(exc).__name__,
+                    str(exc)[:200],
                     wait,
                 )
                 await asyncio.sleep(wait)
@@ -126,13 +146,47 @@ class Listener:
                 if conn_ is not None and not conn_.is_closed():
                     conn_.terminate()
 
-    async def _drain(self, conn: asyncpg.Connection) -> None:
-        """Dispatch every event committed since the last tick, tick by tick."""
+    async def _follow(self, conn: asyncpg.Connection) -> None:
+        """Poll while events flow; when the log goes quiet, hand over to NOTIFY and sleep."""
+        quiet_since = asyncio.get_running_loop().time()
+        while not conn.is_closed():
+            loop = asyncio.get_running_loop()
+            if await self._drain(conn):
+                quiet_since = loop.time()
+            elif loop.time() - quiet_since >= self.idle_after_seconds:
+                await self._sleep(conn)
+                quiet_since = loop.time()
+                continue
+            await asyncio.sleep(self.busy_poll_seconds)
+
+    async def _sleep(self, conn: asyncpg.Connection) -> None:
+        """The sleep handshake of sql/relay.sql, then wait for a NOTIFY (or the poll timer)."""
+        await conn.execute(
+            "UPDATE relay.listeners SET sleeping = true WHERE pid = pg_backend_pid()"
+        )
+        snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text")
+        # Writers that read sleeping = false are among these in-progress
+        # transactions: keep polling until every one of them has ended.
+        while await conn.fetchval(RUNNING_SQL, snapshot):
+            await self._drain(conn)
+            await asyncio.sleep(self.busy_poll_seconds)
+        self._wake.clear()
+        if not await self._drain(conn):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+        self._wake.clear()
+        await conn.execute(
+            "UPDATE relay.listeners SET sleeping = false WHERE pid = pg_backend_pid()"
+        )
+
+    async def _drain(self, conn: asyncpg.Connection) -> int:
+        """Dispatch every event committed since the last tick; return how many."""
+        dispatched = 0
         while True:
             tick = await conn.fetchval("SELECT relay.tick()")
             assert self.last_tick is not None
             if tick <= self.last_tick:
-                return
+                return dispatched
             rows = await conn.fetch(EVENTS_SQL, self.last_tick, tick)
             # Synchronous from here: dispatch and the tick mark move together, so
             # a replay that reads last_tick never overlaps what was dispatched.
@@ -142,3 +196,4 @@ class Listener:
                 except Exception:
                     log.exception("dispatch failed repo=%s seq=%s", row["repo"], row["seq"])
             self.last_tick = tick
+            dispatched += len(rows)

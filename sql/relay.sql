@@ -14,9 +14,19 @@
 --    row per change to relay.events in the same transaction. A rolled-back
 --    change leaves nothing; a committed one always leaves its event, whatever
 --    its size (the row travels in the table, never in a NOTIFY payload).
--- 2. The trigger sends one empty NOTIFY on "relay_events" per statement
---    (PostgreSQL folds repeats within a transaction). It is only a wake-up:
---    the log is the truth, and the relay also polls it.
+-- 2. Wake-ups. A NOTIFY makes PostgreSQL serialize every notifying commit,
+--    disk flush included, behind one cluster-wide lock, which halves the
+--    write rate of small transactions. So writers notify only while some
+--    relay listener is asleep (relay.listeners.sleeping). A busy listener
+--    polls the log every few milliseconds instead. Going to sleep is a
+--    handshake without locks: the listener sets sleeping = true, then keeps
+--    polling until every transaction that was running at that moment has
+--    ended (pg_xact_status of its snapshot's in-progress xids), then polls
+--    once more and only then waits for a NOTIFY. A writer that read
+--    sleeping = false was running before the flag flipped, so the final poll
+--    sees its events; a writer that read true sends the NOTIFY. The listener
+--    also polls every second or so while asleep, so even a lost wake-up costs
+--    latency, never an event: the log is the truth.
 -- 3. The relay calls relay.tick(), which records a snapshot. The events of
 --    tick N are those whose transaction is visible in tick N's snapshot and
 --    was not visible in tick N-1's. That orders events by the moment their
@@ -63,6 +73,13 @@ CREATE TABLE IF NOT EXISTS relay.events (
 CREATE INDEX IF NOT EXISTS events_xid ON relay.events (xid);
 -- seq only grows, so a BRIN index is tiny and nearly free to maintain.
 CREATE INDEX IF NOT EXISTS events_seq ON relay.events USING brin (seq);
+
+-- One row per relay listener connection (by backend pid): asleep or polling.
+CREATE TABLE IF NOT EXISTS relay.listeners (
+    pid         integer PRIMARY KEY,
+    sleeping    boolean NOT NULL DEFAULT false,
+    since       timestamptz NOT NULL DEFAULT now()
+);
 
 -- Consecutive snapshots that cut the log into commit-ordered batches.
 CREATE TABLE IF NOT EXISTS relay.ticks (
@@ -228,7 +245,8 @@ BEGIN
                 SELECT pg_current_xact_id(), %2$L, 'd', to_json(o.%3$I), %6$s, %7$s
                 FROM old_rows o;
             END IF;
-            IF FOUND THEN
+            -- A fresh snapshot (this is a new statement): see the listeners' flags now.
+            IF FOUND AND EXISTS (SELECT 1 FROM relay.listeners WHERE sleeping) THEN
                 PERFORM pg_notify('relay_events', '');
             END IF;
             RETURN NULL;

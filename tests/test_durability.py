@@ -376,3 +376,36 @@ async def test_relay_killed_and_restarted_loses_nothing(client, db, pg_url, repo
         stop.set()
         proc.kill()
         proc.wait(timeout=10)
+
+
+async def test_listener_terminated_mid_stream_loses_nothing(relay, client, db, pg_url, repo):
+    r = await relay()
+    name = await repo("_744_")
+    c, _ = await subscribed(r, client, name)
+    written: list[int] = []
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        conn = await asyncpg.connect(pg_url)
+        try:
+            n = 0
+            while not stop.is_set():
+                await insert(conn, name, "A", "1", n)
+                written.append(n)
+                n += 1
+                await asyncio.sleep(0.002)
+        finally:
+            await conn.close()
+
+    task = asyncio.create_task(writer())
+    for _ in range(3):
+        await asyncio.sleep(0.3)
+        await db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'relay-listener'"
+        )
+    await asyncio.sleep(0.3)
+    stop.set()
+    await task
+    got = [json.loads(f["data"])["data"]["n"] for f in await frames_until_quiet(c, 2.0)]
+    assert got == written
