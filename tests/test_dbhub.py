@@ -1,0 +1,122 @@
+"""Unit tests of relay.dbhub: who gets which frame for an event, exactly once.
+
+Sockets here are real relay.hub.Socket objects that are never started: their
+queued frames are read back instead of being written to a network.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from relay.auth import Identity
+from relay.dbhub import DbHub, Event, Position
+from relay.hub import Socket
+
+
+def make_socket(user: str, account: str | None, root: bool = False) -> Socket:
+    s = Socket(None, "default", queue_limit=100)  # type: ignore[arg-type]
+    s.identity = Identity(user, account, is_root=root)
+    return s
+
+
+def sent(s: Socket) -> list[dict[str, Any]]:
+    frames = [json.loads(t) for t in s._queue]
+    s._queue.clear()
+    return frames
+
+
+def event(op: str, owner: str | None, account: str | None, **kw: Any) -> Event:
+    return Event(
+        tick=5,
+        seq=kw.pop("seq", 1),
+        repo="tasks_760_",
+        op=op,
+        row_id='"r1"',
+        owner_id=owner,
+        account_id=account,
+        data=None if op == "d" else json.dumps({"id": "r1", "owner_id": owner}),
+        **kw,
+    )
+
+
+@pytest.fixture
+def hub() -> tuple[DbHub, dict[str, Socket]]:
+    h = DbHub()
+    sockets = {"A": make_socket("A", "1"), "B": make_socket("B", "1"), "C": make_socket("C", "2")}
+    for s in sockets.values():
+        h.subscribe(s, "tasks_760_")
+    return h, sockets
+
+
+def test_created_reaches_account_readers_once(hub) -> None:
+    h, s = hub
+    h.dispatch(event("c", owner="A", account="1"))
+    # A is both the owner and in the account: one frame, not two.
+    assert [f["type"] for f in sent(s["A"])] == ["db_created"]
+    assert [f["type"] for f in sent(s["B"])] == ["db_created"]
+    assert sent(s["C"]) == []
+
+
+def test_frames_carry_each_sockets_own_sid_and_the_position(hub) -> None:
+    h, s = hub
+    h.dispatch(event("c", owner="A", account="1", seq=9))
+    for name in ("A", "B"):
+        (frame,) = sent(s[name])
+        assert frame["sid"] == s[name].id
+        assert frame["pos"] == "5-9"
+        assert frame["channel"] == "db-tasks_760_"
+        assert set(frame) >= {"sid", "type", "data", "channel", "token"}
+
+
+def test_update_moving_account_splits_audiences(hub) -> None:
+    h, s = hub
+    h.dispatch(event("u", owner="Z", account="2", old_owner_id="Z", old_account_id="1"))
+    assert [f["type"] for f in sent(s["A"])] == ["db_deleted"]
+    assert json.loads(sent(s["B"])[0]["data"]) == {"id": "r1"}
+    assert [f["type"] for f in sent(s["C"])] == ["db_created"]
+
+
+def test_delete_uses_the_old_row(hub) -> None:
+    h, s = hub
+    h.dispatch(event("d", owner="Z", account="2"))
+    assert sent(s["A"]) == [] and sent(s["B"]) == []
+    assert [f["type"] for f in sent(s["C"])] == ["db_deleted"]
+
+
+def test_root_reads_everything_and_unsubscribed_nothing(hub) -> None:
+    h, s = hub
+    root = make_socket("svc", None, root=True)
+    h.subscribe(root, "tasks_760_")
+    h.unsubscribe(s["C"], "tasks_760_")
+    h.dispatch(event("c", owner="Z", account="2"))
+    assert [f["type"] for f in sent(root)] == ["db_created"]
+    assert sent(s["C"]) == []
+
+
+def test_catching_up_holds_live_frames_until_release(hub) -> None:
+    h, _ = hub
+    late = make_socket("A", "1")
+    h.subscribe(late, "tasks_760_", catching_up=True)
+    h.dispatch(event("c", owner="A", account="1", seq=20))
+    assert sent(late) == []  # held back
+    missed = [event("c", owner="A", account="1", seq=n) for n in (3, 4)]
+    h.replay_chunk(late, "tasks_760_", missed, Position(5, 3))
+    h.release(late, "tasks_760_")
+    assert [f["pos"] for f in sent(late)] == ["5-4", "5-20"]
+
+
+@pytest.mark.parametrize(
+    ("text", "pos"),
+    [("12-7", Position(12, 7)), ("12", Position(12, None))],
+)
+def test_position_parse(text: str, pos: Position) -> None:
+    assert Position.parse(text) == pos
+    assert str(pos) == text
+
+
+def test_position_rejects_garbage() -> None:
+    with pytest.raises(ValueError):
+        Position.parse("x-1")
