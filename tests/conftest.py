@@ -127,7 +127,9 @@ class WsClient:
 
     async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
         msg = await asyncio.wait_for(self.ws.receive(), timeout)
-        assert msg.type is aiohttp.WSMsgType.TEXT, f"expected a text frame, got {msg.type} {msg.data!r}"
+        assert msg.type is aiohttp.WSMsgType.TEXT, (
+            f"expected a text frame, got {msg.type} {msg.data!r}"
+        )
         frame: dict[str, Any] = json.loads(msg.data)
         return frame
 
@@ -168,7 +170,10 @@ async def client() -> AsyncIterator[Callable[..., Awaitable[WsClient]]]:
     opened: list[WsClient] = []
 
     async def connect(
-        handle: RelayHandle, *, init: bool = True, headers: dict[str, str] | None = None,
+        handle: RelayHandle,
+        *,
+        init: bool = True,
+        headers: dict[str, str] | None = None,
         pk: str | None = None,
     ) -> WsClient:
         url = handle.ws_url + (f"?pk={pk}" if pk is not None else "")
@@ -215,3 +220,37 @@ async def repo(db: asyncpg.Connection) -> RepoFactory:
 
 def random_name(prefix: str = "room") -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server on a free port, for the Redis broker tests."""
+    import subprocess
+    import time
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip(
+            "redis-server is not installed (apt-get install redis-server); .ci/run installs it"
+        )
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="relay-test-redis-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("redis-server did not start") from None
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+    shutil.rmtree(workdir, ignore_errors=True)

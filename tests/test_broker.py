@@ -1,0 +1,90 @@
+"""Brokers: the same contract for memory:// and redis://, and chat across relay processes.
+
+The Redis tests use a real redis-server started by the ``redis_url`` fixture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay.broker import create_broker
+
+
+@pytest.fixture(params=["memory", "redis"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "memory":
+        return "memory://"
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+async def test_broker_delivers_subscribed_channels_only(broker_url: str) -> None:
+    got: list[tuple[str, str, str]] = []
+    arrived = asyncio.Event()
+
+    def deliver(app_id: str, channel: str, data: str) -> None:
+        got.append((app_id, channel, data))
+        if data == "last":
+            arrived.set()
+
+    broker = create_broker(broker_url, deliver)
+    await broker.start()
+    try:
+        await broker.subscribe("app", "room")
+        await broker.publish("other-app", "room", "not for us")
+        await broker.publish("app", "room", "hello")
+        await broker.publish("app", "room", "last")
+        await asyncio.wait_for(arrived.wait(), 5)
+        wanted = [("app", "room", "hello"), ("app", "room", "last")]
+        if broker_url == "memory://":
+            # In-process: the hub itself filters by membership; the broker hands everything on.
+            got = [g for g in got if g[0] == "app"]
+        assert got == wanted
+    finally:
+        await broker.close()
+
+
+def test_unknown_scheme_is_refused() -> None:
+    with pytest.raises(ValueError, match="memory:// or redis://"):
+        create_broker("kafka://x", lambda *_: None)
+
+
+async def test_two_relays_share_a_channel_through_redis(relay, client, redis_url: str) -> None:
+    one = await relay(broker_url=redis_url)
+    two = await relay(broker_url=redis_url)
+    alice = await client(one)
+    bob = await client(two)
+    await alice.auth(one.token("alice", "1"))
+    await bob.auth(two.token("bob", "1"))
+    await alice.join("lobby")
+    await bob.join("lobby")
+    await alice.publish("lobby", "hi from one")
+    for c in (alice, bob):
+        frame = await c.expect("chan_out")
+        assert (frame["channel"], frame["data"]) == ("lobby", "hi from one")
+    await bob.publish("lobby", "hi from two")
+    for c in (alice, bob):
+        assert (await c.expect("chan_out"))["data"] == "hi from two"
+    # A third socket on relay one that did not join hears nothing.
+    carol = await client(one)
+    await carol.auth(one.token("carol", "1"))
+    await alice.publish("lobby", "again")
+    await carol.silent()
+
+
+async def test_leaving_the_last_member_unsubscribes(relay, client, redis_url: str) -> None:
+    one = await relay(broker_url=redis_url)
+    two = await relay(broker_url=redis_url)
+    alice = await client(one)
+    await alice.auth(one.token("alice", "1"))
+    await alice.join("quiet")
+    bob = await client(two)
+    await bob.auth(two.token("bob", "1"))
+    await bob.join("quiet")
+    await bob.close()
+    await asyncio.sleep(0.2)
+    await alice.publish("quiet", "anyone?")
+    assert (await alice.expect("chan_out"))["data"] == "anyone?"
+    await alice.silent()
