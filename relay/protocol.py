@@ -67,8 +67,13 @@ class ClientFrame:
 
 def parse_frame(raw: str | bytes, max_bytes: int) -> ClientFrame:
     """Decode one client frame or raise :class:`RelayError` with a reason a person can act on."""
-    if len(raw) > max_bytes:
-        raise RelayError(f"frame too large: {len(raw)} bytes, the limit is {max_bytes}")
+    # The limit is in bytes: a str of non-ASCII text is longer in UTF-8 than in characters.
+    if isinstance(raw, bytes) or raw.isascii():
+        size = len(raw)
+    else:
+        size = len(raw.encode(errors="replace"))
+    if size > max_bytes:
+        raise RelayError(f"frame too large: {size} bytes, the limit is {max_bytes}")
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:

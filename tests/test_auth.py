@@ -1,0 +1,340 @@
+"""Session tokens in isolation: ``relay.auth.TokenVerifier``, ``mint_token`` and ``parse_ttl``.
+
+Covers HS256 tokens (valid, expired, tampered, wrong secret), the ``alg: none``
+trick, RS256 and ES256 public keys given inline or as a file path, the
+algorithm-confusion attack (an HS256 token signed with the public key's text),
+a missing or empty ``sub``, a custom account claim, ``role: root``, and the
+socket-token helpers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import hashes, hmac, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from relay.auth import (
+    Identity,
+    TokenVerifier,
+    mint_token,
+    new_socket_token,
+    parse_ttl,
+    same_token,
+)
+
+SECRET = "unit-test-secret-" + "s" * 32
+
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def b64url_json(obj: object) -> str:
+    return b64url(json.dumps(obj, separators=(",", ":")).encode())
+
+
+def b64url_decode(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def hs256_by_hand(header: object, payload: object, key: bytes) -> str:
+    """Sign a JWT with HMAC-SHA256 without PyJWT (which refuses PEM text as an HMAC key)."""
+    signing_input = f"{b64url_json(header)}.{b64url_json(payload)}".encode()
+    mac = hmac.HMAC(key, hashes.SHA256())
+    mac.update(signing_input)
+    return signing_input.decode() + "." + b64url(mac.finalize())
+
+
+@pytest.fixture
+def verifier() -> TokenVerifier:
+    return TokenVerifier(secret=SECRET)
+
+
+@pytest.fixture(scope="module")
+def rsa_keys() -> tuple[bytes, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public.decode()
+
+
+@pytest.fixture(scope="module")
+def ec_keys() -> tuple[bytes, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public.decode()
+
+
+def claims(**extra: object) -> dict:
+    now = int(time.time())
+    return {"sub": "alice", "account_id": "acme", "iat": now, "exp": now + 600, **extra}
+
+
+# --- HS256 --------------------------------------------------------------------------
+
+
+def test_minted_token_verifies_to_its_identity(verifier):
+    before = time.time()
+    ident = verifier.verify(mint_token(SECRET, "alice", "acme", ttl_seconds=600))
+    assert isinstance(ident, Identity)
+    assert ident.user_id == "alice"
+    assert ident.account_id == "acme"
+    assert ident.is_root is False
+    assert ident.expires_at is not None
+    assert before + 590 <= ident.expires_at <= time.time() + 601
+
+
+def test_minted_token_is_hs256_with_sub_account_iat_exp():
+    token = mint_token(SECRET, "u1", "a1", ttl_seconds=60)
+    header = jwt.get_unverified_header(token)
+    assert header["alg"] == "HS256"
+    payload = jwt.decode(token, SECRET, algorithms=["HS256"])
+    assert payload["sub"] == "u1" and payload["account_id"] == "a1"
+    assert payload["exp"] - payload["iat"] == 60
+    assert "role" not in payload
+
+
+def test_token_without_ttl_has_no_expiry(verifier):
+    token = mint_token(SECRET, "alice", "acme", ttl_seconds=None)
+    assert "exp" not in jwt.decode(token, SECRET, algorithms=["HS256"])
+    ident = verifier.verify(token)
+    assert ident is not None and ident.expires_at is None
+
+
+def test_expired_token_is_refused(verifier):
+    now = int(time.time())
+    token = jwt.encode(claims(iat=now - 120, exp=now - 60), SECRET, algorithm="HS256")
+    assert verifier.verify(token) is None
+
+
+def test_tampered_payload_is_refused(verifier):
+    token = mint_token(SECRET, "alice", "acme")
+    header, payload, signature = token.split(".")
+    forged_claims = json.loads(b64url_decode(payload))
+    forged_claims["sub"] = "mallory"
+    forged = f"{header}.{b64url_json(forged_claims)}.{signature}"
+    assert verifier.verify(forged) is None
+    # The untouched token still passes, so the refusal is about the tampering.
+    assert verifier.verify(token) is not None
+
+
+def test_tampered_signature_is_refused(verifier):
+    token = mint_token(SECRET, "alice", "acme")
+    head, _, sig = token.rpartition(".")
+    flipped = ("A" if sig[0] != "A" else "B") + sig[1:]
+    assert verifier.verify(f"{head}.{flipped}") is None
+
+
+def test_wrong_secret_is_refused(verifier):
+    token = mint_token("another-secret-" + "y" * 32, "alice", "acme")
+    assert verifier.verify(token) is None
+
+
+def test_alg_none_token_is_refused(verifier):
+    token = b64url_json({"alg": "none", "typ": "JWT"}) + "." + b64url_json(claims()) + "."
+    assert verifier.verify(token) is None
+
+
+def test_alg_none_token_is_refused_by_public_key_verifier(rsa_keys):
+    verifier = TokenVerifier(public_key=rsa_keys[1])
+    token = b64url_json({"alg": "none"}) + "." + b64url_json(claims()) + "."
+    assert verifier.verify(token) is None
+
+
+@pytest.mark.parametrize(
+    "garbage", ["", "x", "a.b.c", "....", "not a token at all", "\x00\x01", "é.é.é"]
+)
+def test_garbage_is_refused_without_raising(verifier, garbage):
+    assert verifier.verify(garbage) is None
+
+
+def test_missing_sub_is_refused(verifier):
+    payload = claims()
+    del payload["sub"]
+    assert verifier.verify(jwt.encode(payload, SECRET, algorithm="HS256")) is None
+
+
+def test_empty_sub_is_refused(verifier):
+    assert verifier.verify(jwt.encode(claims(sub=""), SECRET, algorithm="HS256")) is None
+
+
+@pytest.mark.parametrize(
+    ("header", "payload"),
+    [
+        ({"alg": "HS256"}, [1, 2]),
+        ({"alg": "HS256"}, {"sub": 5}),
+        ({"alg": "HS256"}, {"sub": "a", "exp": "tomorrow"}),
+        ({"alg": "HS256"}, {"sub": "a", "nbf": 9_999_999_999}),
+        ({"alg": "HS256", "crit": ["x-unknown"]}, {"sub": "a"}),
+    ],
+)
+def test_correctly_signed_but_malformed_claims_are_refused(verifier, header, payload):
+    token = hs256_by_hand(header, payload, SECRET.encode())
+    assert verifier.verify(token) is None
+
+
+def test_hand_signed_token_with_good_claims_is_accepted(verifier):
+    # Proves hs256_by_hand makes valid signatures, so the refusals above are about the claims.
+    ident = verifier.verify(hs256_by_hand({"alg": "HS256"}, claims(), SECRET.encode()))
+    assert ident is not None and ident.user_id == "alice"
+
+
+def test_missing_account_gives_none_account(verifier):
+    payload = claims()
+    del payload["account_id"]
+    ident = verifier.verify(jwt.encode(payload, SECRET, algorithm="HS256"))
+    assert ident is not None and ident.user_id == "alice" and ident.account_id is None
+
+
+def test_empty_account_gives_none_account(verifier):
+    ident = verifier.verify(mint_token(SECRET, "alice", ""))
+    assert ident is not None and ident.account_id is None
+
+
+def test_numeric_account_claim_becomes_text(verifier):
+    ident = verifier.verify(jwt.encode(claims(account_id=42), SECRET, algorithm="HS256"))
+    assert ident is not None and ident.account_id == "42"
+
+
+def test_custom_account_claim_name():
+    verifier = TokenVerifier(secret=SECRET, account_claim="org")
+    token = mint_token(SECRET, "alice", "org-7", account_claim="org")
+    assert jwt.decode(token, SECRET, algorithms=["HS256"])["org"] == "org-7"
+    ident = verifier.verify(token)
+    assert ident is not None and ident.account_id == "org-7"
+    # The default claim name is not read when another one is configured.
+    other = verifier.verify(mint_token(SECRET, "alice", "acme"))
+    assert other is not None and other.account_id is None
+
+
+def test_role_root_gives_is_root(verifier):
+    ident = verifier.verify(mint_token(SECRET, "svc", "acme", root=True))
+    assert ident is not None and ident.is_root is True
+    assert (
+        jwt.decode(mint_token(SECRET, "svc", "acme", root=True), SECRET, algorithms=["HS256"])[
+            "role"
+        ]
+        == "root"
+    )
+
+
+@pytest.mark.parametrize("role", ["admin", "ROOT", "user", ""])
+def test_other_roles_are_not_root(verifier, role):
+    ident = verifier.verify(jwt.encode(claims(role=role), SECRET, algorithm="HS256"))
+    assert ident is not None and ident.is_root is False
+
+
+def test_verifier_needs_a_key():
+    with pytest.raises(ValueError, match="secret or public key"):
+        TokenVerifier()
+
+
+# --- RS256 / ES256 public keys ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("keys", "alg"), [("rsa_keys", "RS256"), ("ec_keys", "ES256")])
+def test_public_key_inline_accepts_signed_token(request, keys, alg):
+    private, public = request.getfixturevalue(keys)
+    verifier = TokenVerifier(public_key=public)
+    ident = verifier.verify(jwt.encode(claims(), private, algorithm=alg))
+    assert ident is not None and ident.user_id == "alice" and ident.account_id == "acme"
+
+
+@pytest.mark.parametrize(("keys", "alg"), [("rsa_keys", "RS256"), ("ec_keys", "ES256")])
+def test_public_key_file_path_accepts_signed_token(request, tmp_path: Path, keys, alg):
+    private, public = request.getfixturevalue(keys)
+    path = tmp_path / "key.pem"
+    path.write_text(public)
+    verifier = TokenVerifier(public_key=str(path))
+    ident = verifier.verify(jwt.encode(claims(), private, algorithm=alg))
+    assert ident is not None and ident.user_id == "alice"
+
+
+def test_token_signed_by_another_private_key_is_refused(rsa_keys):
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    verifier = TokenVerifier(public_key=rsa_keys[1])
+    assert verifier.verify(jwt.encode(claims(), other, algorithm="RS256")) is None
+
+
+def test_expired_rs256_token_is_refused(rsa_keys):
+    now = int(time.time())
+    verifier = TokenVerifier(public_key=rsa_keys[1])
+    token = jwt.encode(claims(iat=now - 120, exp=now - 60), rsa_keys[0], algorithm="RS256")
+    assert verifier.verify(token) is None
+
+
+@pytest.mark.parametrize("keys", ["rsa_keys", "ec_keys"])
+def test_algorithm_confusion_hs256_with_public_key_text_is_refused(request, keys):
+    _, public = request.getfixturevalue(keys)
+    verifier = TokenVerifier(public_key=public)
+    forged = hs256_by_hand({"alg": "HS256", "typ": "JWT"}, claims(), public.encode())
+    # The forgery is a correct HMAC over the public key text...
+    head, _, sig = forged.rpartition(".")
+    mac = hmac.HMAC(public.encode(), hashes.SHA256())
+    mac.update(head.encode())
+    assert b64url(mac.finalize()) == sig
+    # ...and still refused: a public-key verifier never accepts HS256.
+    assert verifier.verify(forged) is None
+
+
+def test_hs256_token_refused_by_public_key_verifier_even_with_a_plain_secret(rsa_keys):
+    verifier = TokenVerifier(public_key=rsa_keys[1])
+    assert verifier.verify(mint_token(SECRET, "alice", "acme")) is None
+
+
+def test_rs256_token_refused_by_secret_verifier(verifier, rsa_keys):
+    assert verifier.verify(jwt.encode(claims(), rsa_keys[0], algorithm="RS256")) is None
+
+
+def test_public_key_takes_precedence_over_secret(rsa_keys):
+    verifier = TokenVerifier(secret=SECRET, public_key=rsa_keys[1])
+    assert verifier.verify(mint_token(SECRET, "alice", "acme")) is None
+    assert verifier.verify(jwt.encode(claims(), rsa_keys[0], algorithm="RS256")) is not None
+
+
+# --- socket tokens and ttl -----------------------------------------------------------------
+
+
+def test_socket_tokens_are_random_and_compared_exactly():
+    a, b = new_socket_token(), new_socket_token()
+    assert a != b and len(a) >= 24
+    assert same_token(a, a)
+    assert not same_token(a, b)
+    assert not same_token(a, a[:-1])
+    assert not same_token(None, a)
+    assert not same_token(a, None)
+    assert not same_token("", "")
+    assert not same_token(None, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90), ("90s", 90), ("15m", 900), ("1h", 3600), ("7d", 604800), (" 2H ", 7200), ("0", 0)],
+)
+def test_parse_ttl(text, seconds):
+    assert parse_ttl(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "h", "1w", "abc", "1.5h"])
+def test_parse_ttl_refuses_garbage(text):
+    with pytest.raises(ValueError):
+        parse_ttl(text)
