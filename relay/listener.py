@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncpg
 
-from relay.dbhub import DbHub, Event
+from relay.dbhub import DbHub, Event, Position
 
 log = logging.getLogger("relay.listener")
 
@@ -77,6 +77,7 @@ class Listener:
         self.busy_poll_seconds = busy_poll_seconds
         self.idle_after_seconds = idle_after_seconds
         self.last_tick: int | None = None
+        self._position: Position | None = None
         self.connected = asyncio.Event()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -180,20 +181,33 @@ class Listener:
         )
 
     async def _drain(self, conn: asyncpg.Connection) -> int:
-        """Dispatch every event committed since the last tick; return how many."""
+        """Dispatch every event committed since the last tick; return how many.
+
+        Rows stream through a server-side cursor, so a huge transaction never
+        sits in memory whole. ``position`` moves with every event dispatched,
+        so a resuming subscriber knows exactly where its replay must stop.
+        """
         dispatched = 0
         while True:
             tick = await conn.fetchval("SELECT relay.tick()")
             assert self.last_tick is not None
             if tick <= self.last_tick:
                 return dispatched
-            rows = await conn.fetch(EVENTS_SQL, self.last_tick, tick)
-            # Synchronous from here: dispatch and the tick mark move together, so
-            # a replay that reads last_tick never overlaps what was dispatched.
-            for row in rows:
-                try:
-                    self.dbhub.dispatch(event_from_record(row))
-                except Exception:
-                    log.exception("dispatch failed repo=%s seq=%s", row["repo"], row["seq"])
+            async with conn.transaction(readonly=True):
+                async for row in conn.cursor(EVENTS_SQL, self.last_tick, tick, prefetch=500):
+                    event = event_from_record(row)
+                    self._position = Position(event.tick, event.seq)
+                    try:
+                        self.dbhub.dispatch(event)
+                    except Exception:
+                        log.exception("dispatch failed repo=%s pos=%s", event.repo, event.pos)
+                    dispatched += 1
             self.last_tick = tick
-            dispatched += len(rows)
+            self._position = Position(tick)
+
+    @property
+    def position(self) -> Position:
+        """The last event dispatched (or tick fully dispatched): what a new subscriber follows."""
+        if self._position is None or self._position.tick < (self.last_tick or 0):
+            return Position(self.last_tick or 0)
+        return self._position

@@ -37,6 +37,18 @@ async def drain(c: WsClient, window: float = 0.6) -> list[dict[str, Any]]:
             return frames
 
 
+async def settled(relay_handle, client, db, name: str, owner: str, account: str) -> str:
+    """Insert a row and wait until the relay has dispatched it, so that clients
+    subscribing afterwards follow from a position after its creation."""
+    probe = await client(relay_handle)
+    await probe.auth(relay_handle.token("probe", "probe", root=True))
+    await probe.join(f"db-{name}")
+    row_id = await insert(db, name, owner, account)
+    assert json.loads((await probe.expect("db_created"))["data"])["id"] == row_id
+    await probe.close()
+    return row_id
+
+
 async def subscribers(relay_handle, client, name: str) -> dict[str, WsClient]:
     clients = {}
     for user, account in USERS.items():
@@ -110,7 +122,7 @@ async def test_update_and_delete_frames(relay, client, db, repo: RepoFactory):
 async def test_delete_reaches_exactly_the_old_readers(relay, client, db, repo: RepoFactory):
     r = await relay()
     name = await repo("_760_")
-    row_id = await insert(db, name, "A", "1")
+    row_id = await settled(r, client, db, name, "A", "1")
     clients = await subscribers(r, client, name)
     await db.execute(f"DELETE FROM {name} WHERE id = $1", row_id)
     for user in ("A", "B"):
@@ -122,7 +134,7 @@ async def test_update_moving_account(relay, client, db, repo: RepoFactory):
     """Old readers learn the row is gone; new readers see it appear."""
     r = await relay()
     name = await repo("_760_")
-    row_id = await insert(db, name, "Z", "1")
+    row_id = await settled(r, client, db, name, "Z", "1")
     clients = await subscribers(r, client, name)
     await db.execute(f"UPDATE {name} SET account_id = '2' WHERE id = $1", row_id)
     for user in ("A", "B"):
