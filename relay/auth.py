@@ -68,7 +68,8 @@ class TokenVerifier:
         exp = claims.get("exp")
         return Identity(
             user_id=str(user),
-            account_id=None if account is None or account == "" else str(account),
+            # Only scalar ids compare meaningfully with a row's account column.
+            account_id=str(account) if isinstance(account, str | int) and account != "" else None,
             is_root=claims.get("role") == ROOT_ROLE,
             expires_at=float(exp) if isinstance(exp, int | float) else None,
         )

@@ -338,3 +338,10 @@ def test_parse_ttl(text, seconds):
 def test_parse_ttl_refuses_garbage(text):
     with pytest.raises(ValueError):
         parse_ttl(text)
+
+
+@pytest.mark.parametrize("claim", [{"x": 1}, ["1"], 1.5, ""])
+def test_non_scalar_account_claim_gives_no_account(verifier, claim):
+    token = jwt.encode({"sub": "u", "account_id": claim}, SECRET, algorithm="HS256")
+    identity = verifier.verify(token)
+    assert identity is not None and identity.account_id is None
