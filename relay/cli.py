@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from relay import repos
+from relay import plans, repos
 from relay.auth import mint_token, parse_ttl
 from relay.config import ConfigError, Settings
 from relay.db import EmbeddedPostgres, run_migrations
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         result: int = args.func(settings, args)
         return result
-    except (ConfigError, repos.RepoError) as err:
+    except (ConfigError, repos.RepoError, plans.PlanError) as err:
         print(f"relay: {err}", file=sys.stderr)
         return 2
 
@@ -84,7 +84,83 @@ def _parser() -> argparse.ArgumentParser:
     unwatch = repo_sub.add_parser("unwatch", help="remove the triggers (and nothing else)")
     unwatch.add_argument("tables", nargs="+", metavar="SCHEMA.TABLE")
     unwatch.set_defaults(func=cmd_repo_unwatch)
+    _plan_parsers(sub)
+    _app_parsers(sub)
     return parser
+
+
+def _limit(text: str) -> int | None:
+    """A plan limit: a whole number, or 'unlimited'."""
+    if text.lower() in ("unlimited", "none"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number or 'unlimited', got {text!r}"
+        ) from None
+
+
+def _plan_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    plan = sub.add_parser("plan", help="plans: connection, channel and message-rate caps")
+    plan.add_argument("--database-url")
+    plan_sub = plan.add_subparsers(dest="plan_command", required=True)
+    for command, helptext in (("create", "create a plan"), ("set", "change a plan")):
+        p = plan_sub.add_parser(command, help=helptext)
+        p.add_argument("name")
+        default = plans.KEEP if command == "set" else None
+        p.add_argument(
+            "--max-connections",
+            type=_limit,
+            required=command == "create",
+            default=default,
+            help="concurrent connections per relay process, or 'unlimited'",
+        )
+        p.add_argument(
+            "--max-channels",
+            type=_limit,
+            default=default,
+            help="channels one socket may join (default: the relay's own limit)",
+        )
+        p.add_argument(
+            "--messages-per-second",
+            type=_limit,
+            default=default,
+            help="frames one socket may send per second (default: RELAY_MESSAGES_PER_SECOND)",
+        )
+        p.set_defaults(func=cmd_plan_create if command == "create" else cmd_plan_set)
+    lst = plan_sub.add_parser("list", help="list plans")
+    lst.set_defaults(func=cmd_plan_list)
+
+
+def _app_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    app = sub.add_parser("app", help="apps (tenants): public keys, plans and allowed origins")
+    app.add_argument("--database-url")
+    app_sub = app.add_subparsers(dest="app_command", required=True)
+    create = app_sub.add_parser("create", help="create an app")
+    create.add_argument("name")
+    create.add_argument("--public-key", help="the key clients send (default: generated)")
+    create.add_argument("--plan", default="default")
+    create.add_argument(
+        "--origin",
+        action="append",
+        default=[],
+        dest="origins",
+        help="an allowed Origin, e.g. https://app.example.com (repeat; default: any)",
+    )
+    create.set_defaults(func=cmd_app_create)
+    lst = app_sub.add_parser("list", help="list apps")
+    lst.set_defaults(func=cmd_app_list)
+    set_plan = app_sub.add_parser("set-plan", help="move an app to another plan")
+    set_plan.add_argument("name")
+    set_plan.add_argument("plan")
+    set_plan.set_defaults(func=cmd_app_set_plan)
+    set_origins = app_sub.add_parser(
+        "set-origins", help="replace an app's allowed origins (none given: any origin)"
+    )
+    set_origins.add_argument("name")
+    set_origins.add_argument("origins", nargs="*", metavar="ORIGIN")
+    set_origins.set_defaults(func=cmd_app_set_origins)
 
 
 # --- serve -----------------------------------------------------------------
@@ -221,6 +297,86 @@ def cmd_repo_unwatch(settings: Settings, args: argparse.Namespace) -> int:
 
     for table, removed in _with_conn(settings, args, work):
         print(f"{table}: {'no longer watched' if removed else 'was not watched'}")
+    return 0
+
+
+# --- plans and apps ------------------------------------------------------------
+
+
+def _show_limit(value: int | None) -> str:
+    return "unlimited" if value is None else str(value)
+
+
+def _print_plan(p: plans.Plan) -> None:
+    print(
+        f"{p.name}\tmax_connections={_show_limit(p.max_connections)}"
+        f"\tmax_channels={p.max_channels_per_socket or 'default'}"
+        f"\tmessages_per_second={p.messages_per_second or 'default'}"
+    )
+
+
+def _print_app(a: plans.AppRecord) -> None:
+    print(
+        f"{a.id}\tpublic_key={a.public_key or '-'}\tplan={a.plan}"
+        f"\torigins={','.join(a.origins) or 'any'}"
+    )
+
+
+def cmd_plan_create(settings: Settings, args: argparse.Namespace) -> int:
+    plan = _with_conn(
+        settings,
+        args,
+        lambda c: plans.create_plan(
+            c, args.name, args.max_connections, args.max_channels, args.messages_per_second
+        ),
+    )
+    _print_plan(plan)
+    return 0
+
+
+def cmd_plan_set(settings: Settings, args: argparse.Namespace) -> int:
+    plan = _with_conn(
+        settings,
+        args,
+        lambda c: plans.update_plan(
+            c, args.name, args.max_connections, args.max_channels, args.messages_per_second
+        ),
+    )
+    _print_plan(plan)
+    return 0
+
+
+def cmd_plan_list(settings: Settings, args: argparse.Namespace) -> int:
+    for plan in _with_conn(settings, args, plans.list_plans):
+        _print_plan(plan)
+    return 0
+
+
+def cmd_app_create(settings: Settings, args: argparse.Namespace) -> int:
+    app = _with_conn(
+        settings,
+        args,
+        lambda c: plans.create_app(c, args.name, args.public_key, args.plan, args.origins),
+    )
+    _print_app(app)
+    return 0
+
+
+def cmd_app_list(settings: Settings, args: argparse.Namespace) -> int:
+    for app in _with_conn(settings, args, plans.list_apps):
+        _print_app(app)
+    return 0
+
+
+def cmd_app_set_plan(settings: Settings, args: argparse.Namespace) -> int:
+    app = _with_conn(settings, args, lambda c: plans.set_app_plan(c, args.name, args.plan))
+    _print_app(app)
+    return 0
+
+
+def cmd_app_set_origins(settings: Settings, args: argparse.Namespace) -> int:
+    app = _with_conn(settings, args, lambda c: plans.set_app_origins(c, args.name, args.origins))
+    _print_app(app)
     return 0
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import platformdirs
 
+from relay.limits import ERROR_BUDGET, ERROR_WINDOW
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8099
 
@@ -42,8 +44,19 @@ class Settings:
     max_frame_bytes: int = 256 * 1024
     max_channel_name: int = 200
     max_channels_per_socket: int = 100
-    # Outgoing frames buffered for one socket before it counts as a slow consumer.
+    # Outgoing frames (and bytes) buffered for one socket before it counts as a
+    # slow consumer and is closed with code 4001.
     send_queue_frames: int = 1000
+    send_queue_bytes: int = 16 * 1024 * 1024
+    # Frames a socket may send per second (0: unmetered), unless its app's plan
+    # says otherwise; bursts of up to rate x burst seconds pass.
+    messages_per_second: float = 100.0
+    message_burst_seconds: float = 2.0
+    # More errors than this within error_window_seconds close a socket (4000).
+    error_budget: int = ERROR_BUDGET
+    error_window_seconds: float = ERROR_WINDOW
+    # A ping every heartbeat_seconds; a peer that does not answer within half
+    # of it is dropped (0: no pings).
     heartbeat_seconds: float = 30.0
     # How long the listener waits for a wake-up before polling the event log anyway.
     poll_seconds: float = 1.0
@@ -73,9 +86,20 @@ class Settings:
         if env.get("RELAY_EVENT_RETENTION_ROWS"):
             rows = _int(env, "RELAY_EVENT_RETENTION_ROWS", 0)
             settings.event_retention_rows = rows or None
-        settings.heartbeat_seconds = float(
-            env.get("RELAY_HEARTBEAT_SECONDS") or settings.heartbeat_seconds
+        settings.heartbeat_seconds = _float(
+            env, "RELAY_HEARTBEAT_SECONDS", settings.heartbeat_seconds
         )
+        settings.messages_per_second = _float(
+            env, "RELAY_MESSAGES_PER_SECOND", settings.messages_per_second
+        )
+        settings.message_burst_seconds = _float(
+            env, "RELAY_MESSAGE_BURST_SECONDS", settings.message_burst_seconds
+        )
+        settings.error_budget = _int(env, "RELAY_ERROR_BUDGET", settings.error_budget)
+        settings.send_queue_frames = _int(
+            env, "RELAY_SEND_QUEUE_FRAMES", settings.send_queue_frames
+        )
+        settings.send_queue_bytes = _int(env, "RELAY_SEND_QUEUE_BYTES", settings.send_queue_bytes)
         return settings
 
     @property
@@ -110,6 +134,19 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative, got {raw!r}")
+    return value
 
 
 def _duration(env: Mapping[str, str], name: str) -> int:

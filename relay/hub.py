@@ -32,12 +32,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay.ws")
 
 ChannelKey = tuple[str, str]  # (app id, channel name)
+# A slow consumer's time to read its backlog and the close frame before the
+# connection is dropped outright.
+SLOW_CLOSE_SECONDS = 10.0
 
 
 class Socket:
     """One client connection: its identity, its channels and its send queue."""
 
-    def __init__(self, ws: web.WebSocketResponse, app_id: str, queue_limit: int) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        app_id: str,
+        queue_limit: int,
+        queue_bytes: int | None = None,
+        transport: asyncio.Transport | None = None,
+    ) -> None:
         self.id = str(uuid.uuid4())
         self.app_id = app_id
         self.ws = ws
@@ -46,6 +56,10 @@ class Socket:
         self.channels: set[str] = set()
         self._queue: deque[str] = deque()
         self._queue_limit = queue_limit
+        # Counted in characters of the queued JSON text (bytes, for ASCII).
+        self._queue_bytes = queue_bytes
+        self._queued_bytes = 0
+        self._transport = transport
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
         self._closing: CloseCode | None = None
@@ -58,11 +72,20 @@ class Socket:
         """Queue one encoded frame; never blocks. Overflow closes the socket."""
         if self._closing is not None:
             return
-        if len(self._queue) >= self._queue_limit:
-            log.warning("slow consumer closed sid=%s queued=%d", self.id, len(self._queue))
+        size = len(text)
+        if len(self._queue) >= self._queue_limit or (
+            self._queue_bytes is not None and self._queued_bytes + size > self._queue_bytes
+        ):
+            log.warning(
+                "slow consumer closed sid=%s queued=%d bytes=%d",
+                self.id,
+                len(self._queue),
+                self._queued_bytes,
+            )
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer: too many frames queued")
             return
         self._queue.append(text)
+        self._queued_bytes += size
         self._wake.set()
 
     def reply(
@@ -82,10 +105,37 @@ class Socket:
             return
         self._closing = code
         self._drained.set()
+        self._close_reason = reason
         if code is CloseCode.SLOW_CONSUMER:
             self._queue.clear()
-        self._close_reason = reason
+            self._queued_bytes = 0
+            self._cut_off()
+            return
         self._wake.set()
+
+    def _cut_off(self) -> None:
+        """Close a slow consumer now, even if the writer waits for it to read.
+
+        The writer is replaced by a task that queues the close frame behind the
+        bytes already in the transport, and drops the connection if the peer
+        has not read them within SLOW_CLOSE_SECONDS.
+        """
+        if self._writer is not None:
+            self._writer.cancel()
+        self._writer = asyncio.create_task(self._close_slow(), name=f"cut-off-{self.id}")
+
+    async def _close_slow(self) -> None:
+        transport = self._transport
+        if transport is not None:
+            loop = asyncio.get_running_loop()
+            loop.call_later(SLOW_CLOSE_SECONDS, _drop_if_unread, transport, self.id)
+        with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
+            await asyncio.wait_for(
+                self.ws.close(
+                    code=CloseCode.SLOW_CONSUMER, message=self._close_reason.encode(), drain=False
+                ),
+                SLOW_CLOSE_SECONDS,
+            )
 
     @property
     def closing(self) -> bool:
@@ -98,7 +148,9 @@ class Socket:
                 await self._wake.wait()
                 self._wake.clear()
                 while self._queue:
-                    await ws.send_str(self._queue.popleft())
+                    text = self._queue.popleft()
+                    self._queued_bytes -= len(text)
+                    await ws.send_str(text)
                 self._drained.set()
                 if self._closing is not None:
                     await ws.close(code=self._closing, message=self._close_reason.encode())
@@ -118,6 +170,12 @@ class Socket:
         if self._writer is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._writer), timeout=2)
+
+
+def _drop_if_unread(transport: asyncio.Transport, sid: str) -> None:
+    if transport.get_write_buffer_size():
+        log.info("slow consumer dropped sid=%s unread=%d", sid, transport.get_write_buffer_size())
+        transport.abort()
 
 
 class Hub:

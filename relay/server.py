@@ -17,25 +17,34 @@ from dataclasses import dataclass, field
 import asyncpg
 from aiohttp import WSMsgType, web
 
-from relay import protocol
+from relay import protocol, sessions
 from relay.auth import TokenVerifier, new_socket_token, same_token
 from relay.broker import Broker, create_broker
 from relay.config import Settings
 from relay.dbhub import DbHub, Position
 from relay.hub import Hub, Socket
+from relay.limits import ERROR_BUDGET as ERROR_BUDGET
+from relay.limits import ERROR_WINDOW as ERROR_WINDOW
+from relay.limits import SocketLimits, socket_limits
 from relay.listener import EVENTS_SQL, Listener, event_from_record
-from relay.plans import App, AppDirectory
+from relay.plans import App, AppDirectory, AppsUnavailable
 from relay.protocol import ClientFrame, CloseCode, InvalidToken, RelayError
 
 log = logging.getLogger("relay.ws")
 
 # Frames above this are cut by aiohttp itself (close code 1009); frames between
 # settings.max_frame_bytes and this get an error frame and the socket carries on.
-HARD_FRAME_LIMIT = 16 * 1024 * 1024
+# aiohttp buffers a whole message before handing it over, so this bounds the
+# memory one socket can make the relay hold.
+HARD_FRAME_LIMIT = 4 * 1024 * 1024
 CHANNEL_NAME = re.compile(r"^[A-Za-z0-9_\-.:@/]+$")
-# More errors than this within ERROR_WINDOW seconds closes the socket (code 4000).
-ERROR_BUDGET = 100
-ERROR_WINDOW = 10.0
+DB_DELAYED = (
+    "database unreachable: events on this channel are delayed; they will arrive when it is back"
+)
+DB_DOWN_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# The listener reconnects from a blip within a fraction of a second; db-
+# subscribers hear of an outage only when it lasts longer than this.
+DB_OUTAGE_GRACE = 1.0
 REPLAY_CHUNK = 200
 
 
@@ -51,7 +60,9 @@ class RelayState:
     listener: Listener | None = None
     apps: AppDirectory | None = None
     per_app: dict[str, int] = field(default_factory=dict)
-    errors: dict[str, list[float]] = field(default_factory=dict)
+    limits: dict[str, SocketLimits] = field(default_factory=dict)
+    db_outage: asyncio.TimerHandle | None = None  # an outage about to be announced
+    db_announced: bool = False
 
     def __post_init__(self) -> None:
         self.broker = create_broker(self.settings.broker_url, self._deliver)
@@ -59,6 +70,31 @@ class RelayState:
 
     def _deliver(self, app_id: str, channel: str, data: str) -> None:
         self.hub.deliver(app_id, channel, data)
+
+    def db_state_changed(self, connected: bool) -> None:
+        """The listener's hook: on losing the database, tell each db- subscriber once."""
+        if connected:
+            if self.db_outage is not None:
+                self.db_outage.cancel()
+                self.db_outage = None
+            if self.db_announced:
+                self.db_announced = False
+                log.info("database reachable again; db events resume")
+            return
+        if self.db_outage is None and not self.db_announced:
+            loop = asyncio.get_running_loop()
+            self.db_outage = loop.call_later(DB_OUTAGE_GRACE, self._announce_outage)
+
+    def _announce_outage(self) -> None:
+        self.db_outage = None
+        self.db_announced = True
+        told = 0
+        for repo, subs in self.dbhub.repos.items():
+            channel = protocol.DB_CHANNEL_PREFIX + repo
+            for s in subs.everyone:
+                s.reply("error", DB_DELAYED, channel=channel)
+                told += 1
+        log.warning("database unreachable; db events delayed subscriptions=%d", told)
 
 
 STATE = web.AppKey("relay_state", RelayState)
@@ -86,7 +122,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state.apps = AppDirectory(state.pool, state.settings.max_connections)
     await state.broker.start()
     state.listener = Listener(
-        state.database_url, state.dbhub, poll_seconds=state.settings.poll_seconds
+        state.database_url,
+        state.dbhub,
+        poll_seconds=state.settings.poll_seconds,
+        on_state=state.db_state_changed,
     )
     await state.listener.start()
     pruner = asyncio.create_task(_prune_forever(state), name="relay-pruner")
@@ -96,6 +135,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await pruner
     await state.listener.stop()
+    if state.db_outage is not None:
+        state.db_outage.cancel()
     await state.broker.close()
     await state.pool.close()
 
@@ -135,7 +176,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     assert state.apps is not None
     public_key = request.headers.get("SB-PUBLIC-KEY") or request.query.get("pk") or ""
-    app = await state.apps.lookup(public_key)
+    app: App | None = None
+    unavailable = False
+    try:
+        app = await state.apps.lookup(public_key)
+    except AppsUnavailable:
+        unavailable = True
     if app is not None and not app.allows_origin(request.headers.get("Origin")):
         log.info("origin refused app=%s", app.id)
         raise web.HTTPForbidden(text="origin not allowed for this app")
@@ -145,6 +191,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         max_msg_size=HARD_FRAME_LIMIT,
     )
     await ws.prepare(request)
+    if unavailable:
+        log.warning("connection refused reason=apps-unavailable")
+        await _refuse(
+            ws,
+            "service unavailable: cannot look up this app now, try again shortly",
+            CloseCode.TRY_AGAIN_LATER,
+        )
+        return ws
     if app is None:
         await _refuse(ws, "unknown app: no app has this public key")
         return ws
@@ -153,7 +207,20 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         await _refuse(ws, f"connection limit reached: this app allows {app.max_connections}")
         return ws
 
-    socket = Socket(ws, app.id, state.settings.send_queue_frames)
+    settings = state.settings
+    socket = Socket(
+        ws,
+        app.id,
+        settings.send_queue_frames,
+        queue_bytes=settings.send_queue_bytes,
+        transport=request.transport,
+    )
+    limits = state.limits[socket.id] = socket_limits(
+        app.messages_per_second or settings.messages_per_second,
+        settings.message_burst_seconds,
+        settings.error_budget,
+        settings.error_window_seconds,
+    )
     state.per_app[app.id] = state.per_app.get(app.id, 0) + 1
     state.hub.add(socket)
     socket.start()
@@ -174,17 +241,20 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 break
     finally:
         state.per_app[app.id] -= 1
+        sessions.forget(limits)
         state.dbhub.unsubscribe_all(socket)
         await state.hub.remove(socket)
-        state.errors.pop(socket.id, None)
+        state.limits.pop(socket.id, None)
         await socket.flush_and_close(CloseCode.GOING_AWAY, "")
         log.info("disconnected sid=%s app=%s code=%s", socket.id, app.id, ws.close_code)
     return ws
 
 
-async def _refuse(ws: web.WebSocketResponse, reason: str) -> None:
+async def _refuse(
+    ws: web.WebSocketResponse, reason: str, code: CloseCode = CloseCode.POLICY
+) -> None:
     await ws.send_str(protocol.encode("", "error", reason))
-    await ws.close(code=CloseCode.POLICY, message=reason.encode()[:120])
+    await ws.close(code=code, message=reason.encode()[:120])
 
 
 Handler = Callable[[RelayState, App, Socket, ClientFrame], Awaitable[None]]
@@ -194,6 +264,8 @@ async def _handle(state: RelayState, app: App, socket: Socket, raw: str) -> None
     frame: ClientFrame | None = None
     try:
         frame = protocol.parse_frame(raw, state.settings.max_frame_bytes)
+        # Malformed frames are metered by the error budget; well-formed ones by rate.
+        state.limits[socket.id].check_rate()
         if frame.sid and frame.sid != socket.id:
             raise RelayError("sid does not match this socket: send your own socket id or none")
         handler = HANDLERS.get(frame.type)
@@ -204,10 +276,19 @@ async def _handle(state: RelayState, app: App, socket: Socket, raw: str) -> None
         await handler(state, app, socket, frame)
     except RelayError as err:
         _report(state, socket, err, frame)
+    except DB_DOWN_ERRORS as err:
+        # Not the client's fault: reported, but not held against its error budget.
+        what = "database unreachable" if not isinstance(err, OSError) else "unavailable"
+        log.warning("request failed sid=%s error=%s", socket.id, type(err).__name__)
+        _report(state, socket, RelayError(f"{what}: try again shortly"), frame, blame=False)
 
 
 def _report(
-    state: RelayState, socket: Socket, err: RelayError, frame: ClientFrame | None = None
+    state: RelayState,
+    socket: Socket,
+    err: RelayError,
+    frame: ClientFrame | None = None,
+    blame: bool = True,
 ) -> None:
     channel = (frame.channel or "") if frame else ""
     if frame is not None and frame.type == "join" and frame.data:
@@ -216,11 +297,9 @@ def _report(
     channel = channel[: state.settings.max_channel_name]
     socket.reply("error", err.message, channel=channel)
     log.info("client error sid=%s channel=%s error=%s", socket.id, channel, err.message)
-    now = time.monotonic()
-    recent = [t for t in state.errors.get(socket.id, []) if now - t < ERROR_WINDOW]
-    recent.append(now)
-    state.errors[socket.id] = recent
-    if err.close_code is not None or len(recent) > ERROR_BUDGET:
+    limits = state.limits.get(socket.id)
+    spent = blame and limits is not None and limits.budget.spend(time.monotonic())
+    if err.close_code is not None or spent:
         code = err.close_code or CloseCode.ABUSE
         log.warning("closing abusive socket sid=%s code=%s", socket.id, int(code))
         socket.close(code, "too many errors" if code is CloseCode.ABUSE else err.message)
@@ -250,7 +329,16 @@ async def on_auth(state: RelayState, app: App, socket: Socket, frame: ClientFram
         for name in list(socket.channels):
             if protocol.is_db_channel(name):
                 state.dbhub.subscribe(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
+    limits = state.limits[socket.id]
+    sessions.arm(state.hub, state.dbhub, socket, limits)
+    rejoined = await sessions.resume(state.hub, state.dbhub, socket, limits)
     socket.reply("token", socket.token)
+    for name in rejoined:  # channels paused when the previous session expired
+        if protocol.is_db_channel(name):
+            upto = state.listener.last_tick if state.listener else None
+            socket.reply("joined", name, channel=name, pos=str(Position(upto or 0)))
+        else:
+            socket.reply("joined", name, channel=name)
 
 
 def _check_channel_name(state: RelayState, name: str) -> None:

@@ -1,0 +1,132 @@
+"""Session expiry: when a session token's ``exp`` passes, the socket is told; its channels pause.
+
+A fresh ``auth`` on the same socket renews the session: before expiry nothing
+is interrupted; after it, the paused channels are rejoined (one ``joined``
+frame each after the ``token`` frame).
+"""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import WsClient, random_name
+
+# Tokens carry whole seconds: a 2 s token expires 1-2 s after it is minted.
+EXPIRY_WAIT = 10.0
+
+
+async def insert(db, table: str, owner: str, n: int) -> None:
+    await db.execute(
+        f"INSERT INTO {table} (account_id, owner_id, data) VALUES ('1', $1, $2::jsonb)",
+        owner,
+        json.dumps({"n": n}),
+    )
+
+
+async def expect_n(c: WsClient, type_: str) -> int:
+    frame = await c.expect(type_, timeout=10)
+    n: int = json.loads(frame["data"])["data"]["n"]
+    return n
+
+
+async def test_expired_session_is_told_and_loses_its_subscriptions(relay, client, db, repo):
+    r = await relay()
+    table = await repo("_760_")
+    room = random_name()
+    c = await client(r)
+    other = await client(r)
+    await c.auth(r.token("alice", "1", ttl_seconds=2))
+    await other.auth(r.token("bob", "1"))
+    await c.join(room)
+    await c.join(f"db-{table}")
+    await other.join(room)
+
+    error = await c.expect("error", timeout=EXPIRY_WAIT)
+    assert "session expired" in error["data"] and error["sid"] == c.sid
+
+    # Nothing reaches it any more: not the chat channel, not the database channel.
+    await other.publish(room, "while expired")
+    assert (await other.expect("chan_out"))["data"] == "while expired"
+    await insert(db, table, "alice", 1)
+    await c.silent(2.0)
+    # And it cannot act on its old socket token.
+    await c.send(type="chan_in", channel=room, data="x", token=c.token)
+    assert "session expired" in (await c.expect("error"))["data"]
+    await c.send(type="join", data=random_name(), token=c.token)
+    assert "session expired" in (await c.expect("error"))["data"]
+    await other.silent()
+
+
+async def test_fresh_auth_after_expiry_rejoins_the_paused_channels(relay, client, db, repo):
+    r = await relay()
+    table = await repo("_760_")
+    room = random_name()
+    c = await client(r)
+    other = await client(r)
+    await c.auth(r.token("alice", "1", ttl_seconds=2))
+    await other.auth(r.token("bob", "1"))
+    await c.join(room)
+    await c.join(f"db-{table}")
+    await other.join(room)
+    assert "session expired" in (await c.expect("error", timeout=EXPIRY_WAIT))["data"]
+
+    await c.send(type="auth", data=r.token("alice", "1"))
+    token = await c.expect("token")
+    assert token["data"] and token["data"] != c.token
+    c.token = token["data"]
+    rejoined = {(await c.expect("joined"))["channel"] for _ in range(2)}
+    assert rejoined == {room, f"db-{table}"}
+
+    await other.publish(room, "welcome back")
+    assert (await c.expect("chan_out"))["data"] == "welcome back"
+    await insert(db, table, "alice", 2)
+    assert await expect_n(c, "db_created") == 2
+    await c.publish(room, "and I can talk")
+    assert (await c.expect("chan_out"))["data"] == "and I can talk"
+
+
+async def test_renewing_before_expiry_interrupts_nothing(relay, client, db, repo):
+    r = await relay()
+    table = await repo("_760_")
+    room = random_name()
+    c = await client(r)
+    other = await client(r)
+    await c.auth(r.token("alice", "1", ttl_seconds=3))
+    await other.auth(r.token("bob", "1"))
+    await c.join(room)
+    await c.join(f"db-{table}")
+    await other.join(room)
+
+    await c.auth(r.token("alice", "1", ttl_seconds=3600))
+    await c.silent(4.5)  # past the first token's exp: no error, no frames
+
+    await other.publish(room, "still here")
+    assert (await c.expect("chan_out"))["data"] == "still here"
+    await insert(db, table, "alice", 3)
+    assert await expect_n(c, "db_created") == 3
+
+
+async def test_expiry_timer_follows_the_latest_token(relay, client):
+    """Renewing with another short token moves the deadline; expiry still comes."""
+    r = await relay()
+    c = await client(r)
+    await c.auth(r.token("alice", "1", ttl_seconds=3600))
+    await c.auth(r.token("alice", "1", ttl_seconds=2))
+    error = await c.expect("error", timeout=EXPIRY_WAIT)
+    assert "session expired" in error["data"]
+    await c.silent(1.0)  # told once
+
+
+async def test_token_without_exp_never_expires_and_expiry_is_per_socket(relay, client):
+    r = await relay()
+    room = random_name()
+    short = await client(r)
+    forever = await client(r)
+    await short.auth(r.token("a", "1", ttl_seconds=2))
+    await forever.auth(r.token("b", "1", ttl_seconds=None))
+    await short.join(room)
+    await forever.join(room)
+    assert "session expired" in (await short.expect("error", timeout=EXPIRY_WAIT))["data"]
+    await forever.publish(room, "only me")
+    assert (await forever.expect("chan_out"))["data"] == "only me"
+    await short.silent()
