@@ -196,6 +196,8 @@ class Listener:
             async with conn.transaction(readonly=True):
                 async for row in conn.cursor(EVENTS_SQL, self.last_tick, tick, prefetch=500):
                     event = event_from_record(row)
+                    if self._position is not None and not self._position.before(event):
+                        continue  # dispatched before the connection broke mid-tick
                     self._position = Position(event.tick, event.seq)
                     try:
                         self.dbhub.dispatch(event)
