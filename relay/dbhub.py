@@ -14,6 +14,7 @@ duplicate.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -21,10 +22,13 @@ from relay import protocol
 from relay.auth import Identity
 from relay.hub import Socket
 from relay.permissions import Mode, can_read, mode_of
+from relay.protocol import CloseCode
 
 log = logging.getLogger("relay.db")
 
 TYPE_BY_OP = {"c": "db_created", "u": "db_updated", "d": "db_deleted"}
+# Live frames held for one resuming socket before it counts as a slow consumer.
+MAX_HELD_FRAMES = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +81,14 @@ class Position:
 
 @dataclass
 class RepoSubscribers:
+    repo: str
     mode: Mode
     everyone: set[Socket] = field(default_factory=set)
     roots: set[Socket] = field(default_factory=set)
     by_account: dict[str, set[Socket]] = field(default_factory=dict)
     by_user: dict[str, set[Socket]] = field(default_factory=dict)
     # Sockets replaying from the log, with the live frames held back for them.
-    catching_up: dict[Socket, list[str]] = field(default_factory=dict)
+    catching_up: dict[Socket, deque[str]] = field(default_factory=dict)
 
     def add(self, socket: Socket) -> None:
         ident = socket.identity
@@ -123,11 +128,11 @@ class DbHub:
     def subscribe(self, socket: Socket, repo: str, catching_up: bool = False) -> None:
         subs = self.repos.get(repo)
         if subs is None:
-            subs = self.repos[repo] = RepoSubscribers(mode_of(repo))
+            subs = self.repos[repo] = RepoSubscribers(repo, mode_of(repo))
         subs.remove(socket)  # re-joining (perhaps as another user) re-indexes
         subs.add(socket)
         if catching_up:
-            subs.catching_up[socket] = []
+            subs.catching_up[socket] = deque()
         socket.channels.add(protocol.DB_CHANNEL_PREFIX + repo)
 
     def unsubscribe(self, socket: Socket, repo: str) -> None:
@@ -160,7 +165,11 @@ class DbHub:
         for s in targets:
             text = protocol.with_sid(s.id, tail)
             if held and s in held:
-                held[s].append(text)
+                backlog = held[s]
+                backlog.append(text)
+                if len(backlog) > MAX_HELD_FRAMES:
+                    log.warning("replay could not catch up sid=%s channel=db-%s", s.id, subs.repo)
+                    s.close(CloseCode.SLOW_CONSUMER, "slow consumer: could not catch up")
             else:
                 s.send(text)
 
@@ -182,13 +191,23 @@ class DbHub:
                 sent += 1
         return sent
 
-    def release(self, socket: Socket, repo: str) -> None:
-        """End a replay: send what was held back meanwhile, then go live."""
+    def release_some(self, socket: Socket, repo: str, max_frames: int) -> bool:
+        """Send up to ``max_frames`` of what was held back during a replay.
+
+        Returns True once nothing is held any more: the socket is then live.
+        Called repeatedly with flow control in between, so a subscriber whose
+        backlog grew while it replayed is neither flooded nor cut off.
+        """
         subs = self.repos.get(repo)
-        if subs is None:
-            return
-        for text in subs.catching_up.pop(socket, []):
-            socket.send(text)
+        held = subs.catching_up.get(socket) if subs is not None else None
+        if subs is None or held is None:
+            return True
+        for _ in range(min(max_frames, len(held))):
+            socket.send(held.popleft())
+        if held:
+            return False
+        del subs.catching_up[socket]
+        return True
 
 
 def audiences(subs: RepoSubscribers, event: Event) -> list[tuple[Iterable[Socket], str, str]]:

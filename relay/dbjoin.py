@@ -21,7 +21,8 @@ from relay.protocol import RelayError
 
 log = logging.getLogger("relay.ws")
 
-REPLAY_CHUNK = 200
+# Rows fetched from the log per round trip while replaying.
+REPLAY_CHUNK = 500
 
 
 async def join_db(
@@ -50,7 +51,10 @@ async def join_db(
         dbhub.unsubscribe(socket, repo)
         log.warning("replay failed sid=%s channel=%s error=%s", socket.id, name, type(err).__name__)
         raise RelayError("could not read the event log; join again shortly") from err
-    dbhub.release(socket, repo)
+    while not dbhub.release_some(socket, repo, socket.batch_size):
+        await socket.wait_writable()
+        if socket.closing:
+            return
     log.info("replayed sid=%s channel=%s after=%s events=%d", socket.id, name, after, sent)
 
 
@@ -87,7 +91,7 @@ async def _replay(
             if upto.before(event):
                 break  # dispatched live after we subscribed: held back for us
             chunk.append(event)
-            if len(chunk) >= REPLAY_CHUNK:
+            if len(chunk) >= socket.batch_size:
                 sent += await _send_chunk(dbhub, socket, repo, chunk, after)
                 chunk = []
                 if socket.closing:

@@ -93,9 +93,19 @@ class Socket:
     ) -> None:
         self.send(protocol.encode(self.id, type, data, channel, token, **extra))
 
+    @property
+    def batch_size(self) -> int:
+        """How many frames a bulk sender may queue after :meth:`wait_writable`."""
+        return max(1, self._queue_limit // 2)
+
+    def _half_full(self) -> bool:
+        if len(self._queue) > self._queue_limit // 2:
+            return True
+        return self._queue_bytes is not None and self._queued_bytes > self._queue_bytes // 2
+
     async def wait_writable(self) -> None:
         """Wait until the queue is at most half full (flow control for bulk sends)."""
-        while len(self._queue) > self._queue_limit // 2 and self._closing is None:
+        while self._half_full() and self._closing is None:
             self._drained.clear()
             await self._drained.wait()
 

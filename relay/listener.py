@@ -38,6 +38,7 @@ DELETE FROM relay.listeners WHERE pid NOT IN (SELECT pid FROM pg_stat_activity);
 INSERT INTO relay.listeners (pid, sleeping) VALUES (pg_backend_pid(), false)
 ON CONFLICT (pid) DO UPDATE SET sleeping = false, since = now();
 """
+YIELD_EVERY = 100
 RUNNING_SQL = """
 SELECT EXISTS (
     SELECT 1 FROM pg_snapshot_xip($1::text::pg_snapshot) AS x
@@ -204,6 +205,9 @@ class Listener:
                     except Exception:
                         log.exception("dispatch failed repo=%s pos=%s", event.repo, event.pos)
                     dispatched += 1
+                    if dispatched % YIELD_EVERY == 0:
+                        # Let socket writers drain between slices of a big transaction.
+                        await asyncio.sleep(0)
             self.last_tick = tick
             self._position = Position(tick)
 

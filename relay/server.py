@@ -22,11 +22,12 @@ from relay.auth import TokenVerifier, new_socket_token, same_token
 from relay.broker import Broker, create_broker
 from relay.config import Settings
 from relay.dbhub import DbHub, Position
+from relay.dbjoin import join_db
 from relay.hub import Hub, Socket
 from relay.limits import ERROR_BUDGET as ERROR_BUDGET
 from relay.limits import ERROR_WINDOW as ERROR_WINDOW
 from relay.limits import SocketLimits, socket_limits
-from relay.listener import EVENTS_SQL, Listener, event_from_record
+from relay.listener import Listener
 from relay.plans import App, AppDirectory, AppsUnavailable
 from relay.protocol import ClientFrame, CloseCode, InvalidToken, RelayError
 
@@ -335,8 +336,8 @@ async def on_auth(state: RelayState, app: App, socket: Socket, frame: ClientFram
     socket.reply("token", socket.token)
     for name in rejoined:  # channels paused when the previous session expired
         if protocol.is_db_channel(name):
-            upto = state.listener.last_tick if state.listener else None
-            socket.reply("joined", name, channel=name, pos=str(Position(upto or 0)))
+            upto = state.listener.position if state.listener else Position(0)
+            socket.reply("joined", name, channel=name, pos=str(upto))
         else:
             socket.reply("joined", name, channel=name)
 
@@ -367,49 +368,7 @@ async def on_join(state: RelayState, app: App, socket: Socket, frame: ClientFram
 
 async def _join_db(state: RelayState, socket: Socket, frame: ClientFrame, name: str) -> None:
     assert state.pool is not None and state.listener is not None
-    repo = name[len(protocol.DB_CHANNEL_PREFIX) :]
-    watched = await state.pool.fetchval("SELECT 1 FROM relay.watched WHERE repo = $1", repo)
-    if not watched:
-        raise RelayError(f"cannot join {name}: {repo!r} is not a watched table")
-    after_text = frame.get("after")
-    after: Position | None = None
-    if after_text:
-        try:
-            after = Position.parse(after_text)
-        except ValueError as err:
-            raise RelayError(str(err)) from None
-        oldest = await state.pool.fetchval("SELECT min(id) FROM relay.ticks")
-        upto_now = state.listener.last_tick or 0
-        if after.tick < oldest or (after.tick == oldest and after.seq is not None):
-            raise RelayError(
-                f"position {after} is older than the event log keeps: "
-                "reload the data, then join without 'after'"
-            )
-        if after.tick > upto_now:
-            raise RelayError(f"position {after} is unknown to this relay")
-    # Subscribing and reading the listener's mark happen in one step of the
-    # event loop: whatever is dispatched from now on is in a later tick.
-    state.dbhub.subscribe(socket, repo, catching_up=after is not None)
-    upto = state.listener.last_tick or 0
-    socket.reply("joined", name, channel=name, pos=str(Position(upto)))
-    if after is None:
-        return
-    try:
-        first = after.tick if after.seq is None else after.tick - 1
-        rows = await state.pool.fetch(EVENTS_SQL, first, upto)
-    except (asyncpg.PostgresError, OSError) as err:
-        state.dbhub.unsubscribe(socket, repo)
-        raise RelayError("could not read the event log; join again shortly") from err
-    events = [event_from_record(r) for r in rows]
-    sent = 0
-    for start in range(0, len(events), REPLAY_CHUNK):
-        await socket.wait_writable()
-        if socket.closing:
-            return
-        chunk = events[start : start + REPLAY_CHUNK]
-        sent += state.dbhub.replay_chunk(socket, repo, chunk, after)
-    state.dbhub.release(socket, repo)
-    log.info("replayed sid=%s channel=%s after=%s events=%d", socket.id, name, after, sent)
+    await join_db(state.pool, state.listener, state.dbhub, socket, name, frame.get("after"))
 
 
 async def on_chan_in(state: RelayState, app: App, socket: Socket, frame: ClientFrame) -> None:

@@ -104,8 +104,23 @@ def test_catching_up_holds_live_frames_until_release(hub) -> None:
     assert sent(late) == []  # held back
     missed = [event("c", owner="A", account="1", seq=n) for n in (3, 4)]
     h.replay_chunk(late, "tasks_760_", missed, Position(5, 3))
-    h.release(late, "tasks_760_")
+    assert h.release_some(late, "tasks_760_", 10)
     assert [f["pos"] for f in sent(late)] == ["5-4", "5-20"]
+    h.dispatch(event("c", owner="A", account="1", seq=21))
+    assert [f["pos"] for f in sent(late)] == ["5-21"]  # live now
+
+
+def test_release_in_steps_keeps_order(hub) -> None:
+    h, _ = hub
+    late = make_socket("A", "1")
+    h.subscribe(late, "tasks_760_", catching_up=True)
+    for n in range(1, 6):
+        h.dispatch(event("c", owner="A", account="1", seq=n))
+    assert not h.release_some(late, "tasks_760_", 2)
+    h.dispatch(event("c", owner="A", account="1", seq=6))  # still held, behind the rest
+    while not h.release_some(late, "tasks_760_", 2):
+        pass
+    assert [f["pos"] for f in sent(late)] == [f"5-{n}" for n in range(1, 7)]
 
 
 @pytest.mark.parametrize(

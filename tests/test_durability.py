@@ -409,3 +409,45 @@ async def test_listener_terminated_mid_stream_loses_nothing(relay, client, db, p
     await task
     got = [json.loads(f["data"])["data"]["n"] for f in await frames_until_quiet(c, 2.0)]
     assert got == written
+
+
+async def test_resume_big_backlog_while_writes_continue(relay, client, db, pg_url, repo):
+    """Replay and held-back live frames both go through flow control: a client
+    with a small send queue catches up instead of being cut off."""
+    r = await relay(send_queue_frames=300)
+    name = await repo("_744_")
+    c, joined = await subscribed(r, client, name)
+    await c.close()
+    await db.execute(
+        f"INSERT INTO {name} (owner_id, account_id, data)"
+        " SELECT 'A', '1', jsonb_build_object('n', g) FROM generate_series(0, 2999) g"
+    )
+    written = list(range(3000))
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        conn = await asyncpg.connect(pg_url)
+        n = 3000
+        try:
+            while not stop.is_set():
+                await conn.execute(
+                    f"INSERT INTO {name} (owner_id, account_id, data)"
+                    " SELECT 'A', '1', jsonb_build_object('n', g)"
+                    " FROM generate_series($1::int, $1::int + 9) g",
+                    n,
+                )
+                written.extend(range(n, n + 10))
+                n += 10
+                await asyncio.sleep(0.02)  # ~500 rows/s: slower than the client reads
+        finally:
+            await conn.close()
+
+    task = asyncio.create_task(writer())
+    c2, _ = await subscribed(r, client, name, after=joined["pos"])
+    got: list[int] = []
+    while len(got) < 3000:
+        got.append(json.loads((await c2.recv())["data"])["data"]["n"])
+    stop.set()
+    await task
+    got += [json.loads(f["data"])["data"]["n"] for f in await frames_until_quiet(c2, 1.5)]
+    assert got == written
