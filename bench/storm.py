@@ -1,0 +1,174 @@
+"""Connection storm: N clients reconnecting at once, as after a deploy.
+
+The relay (relay.server.create_app) runs in its own process on an embedded
+PostgreSQL; this process opens N WebSockets at the same moment and, for each,
+times connect -> ``init``, then ``auth`` -> ``token`` and ``join`` -> ``joined``.
+Three phases in the same run, each with N fresh clients:
+
+  connect   connect and wait for ``init`` only (the baseline: HTTP upgrade + socket setup)
+  session   connect, ``auth`` with a session JWT (HS256), ``join`` a chat channel
+  app key   the same with ``?pk=<an app's public key>`` (the app lookup path, cached)
+
+Reported per phase: how long the storm took to clear, clients/s, the
+per-client time to be ready (p50/p90/p99/max), failures, and the relay
+process's CPU per client. Every client must end up ready; the script exits
+non-zero if any did not.
+
+Run (well under a minute with the defaults):
+
+    . .venv/bin/activate
+    python bench/storm.py
+    python bench/storm.py --clients 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from _common import (
+    RelayProcess,
+    embedded_pg,
+    machine_header,
+    percentile,
+    pg_version,
+    print_table,
+    quiet_logs,
+    token,
+)
+
+
+@dataclass
+class Phase:
+    name: str
+    ready: list[float] = field(default_factory=list)
+    failures: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    cpu: float = 0.0
+
+
+async def one_client(
+    http: aiohttp.ClientSession, url: str, session_token: str | None, start: float, phase: Phase
+) -> aiohttp.ClientWebSocketResponse | None:
+    try:
+        ws = await http.ws_connect(url, heartbeat=None, timeout=aiohttp.ClientWSTimeout(ws_close=5))
+        init = json.loads((await ws.receive(timeout=60)).data)
+        if init["type"] != "init":
+            raise RuntimeError(f"expected init, got {init['type']}: {init['data']}")
+        if session_token is not None:
+            await ws.send_str(json.dumps({"type": "auth", "data": session_token}))
+            reply = json.loads((await ws.receive(timeout=60)).data)
+            if reply["type"] != "token":
+                raise RuntimeError(f"auth: {reply['data']}")
+            await ws.send_str(json.dumps({"type": "join", "data": "lobby", "token": reply["data"]}))
+            reply = json.loads((await ws.receive(timeout=60)).data)
+            if reply["type"] != "joined":
+                raise RuntimeError(f"join: {reply['data']}")
+        phase.ready.append(time.monotonic() - start)
+        return ws
+    except Exception as exc:  # a bench reports failures, it does not stop at the first
+        key = type(exc).__name__ + (f": {exc}"[:60] if str(exc) else "")
+        phase.failures[key] = phase.failures.get(key, 0) + 1
+        return None
+
+
+async def storm(
+    relay: RelayProcess, url: str, clients: int, session_token: str | None, phase: Phase
+) -> None:
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        cpu0 = relay.cpu()
+        start = time.monotonic()
+        sockets = await asyncio.gather(
+            *(one_client(http, url, session_token, start, phase) for _ in range(clients))
+        )
+        phase.seconds = time.monotonic() - start
+        phase.cpu = relay.cpu() - cpu0
+        await asyncio.gather(*(ws.close() for ws in sockets if ws is not None))
+
+
+async def create_app_key(pg_url: str) -> str:
+    import asyncpg
+
+    from relay import plans
+
+    conn = await asyncpg.connect(pg_url)
+    try:
+        app = await plans.create_app(conn, "storm")
+    finally:
+        await conn.close()
+    assert app.public_key is not None
+    return app.public_key
+
+
+def raise_fd_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, needed), hard))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=2000)
+    args = parser.parse_args()
+    quiet_logs()
+    raise_fd_limit(2 * args.clients + 256)  # inherited by the relay process
+    with embedded_pg() as pg:
+        print(machine_header("connection storm", asyncio.run(pg_version(pg.url))))
+        key = asyncio.run(create_app_key(pg.url))
+        relay = RelayProcess(pg.url)
+        relay.start()
+        try:
+            phases = [Phase("connect"), Phase("session"), Phase("app key")]
+            session_token = token("storm", "1", ttl_seconds=3600)
+            for phase, url, tok in zip(
+                phases,
+                [relay.ws_url, relay.ws_url, relay.ws_url + "?pk=" + key],
+                [None, session_token, session_token],
+                strict=True,
+            ):
+                asyncio.run(storm(relay, url, args.clients, tok, phase))
+                time.sleep(1.0)  # let the relay settle the closes before the next storm
+        finally:
+            relay.stop()
+    rows = []
+    for p in phases:
+        ready = sorted(p.ready)
+        rows.append(
+            [
+                p.name,
+                f"{len(ready)}/{args.clients}",
+                f"{p.seconds:.2f}",
+                f"{len(ready) / p.seconds:.0f}" if p.seconds else "-",
+                *(f"{1000 * percentile(ready, q):.0f}" for q in (50, 90, 99, 100)),
+                f"{1e6 * p.cpu / max(1, len(ready)):.0f}",
+            ]
+        )
+    print()
+    print_table(
+        [
+            "phase",
+            "ready",
+            "clear s",
+            "clients/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "max ms",
+            "relay CPU us/client",
+        ],
+        rows,
+    )
+    failed = {f"{p.name}: {k}": v for p in phases for k, v in p.failures.items()}
+    for what, count in failed.items():
+        print(f"FAILED {count}x {what}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

