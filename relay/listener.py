@@ -32,6 +32,8 @@ CHANNEL = "relay_events"
 # Shown in pg_stat_activity, so operators (and tests) can find the listening connection.
 APPLICATION_NAME = "relay-listener"
 EVENTS_SQL = "SELECT * FROM relay.events_between($1, $2)"
+POLL_SQL = "SELECT * FROM relay.poll($1, $2)"
+POLL_ROWS = 1000
 # Register this connection (and forget listeners whose backend is gone).
 REGISTER_SQL = """
 DELETE FROM relay.listeners WHERE pid NOT IN (SELECT pid FROM pg_stat_activity);
@@ -182,34 +184,46 @@ class Listener:
         )
 
     async def _drain(self, conn: asyncpg.Connection) -> int:
-        """Dispatch every event committed since the last tick; return how many.
+        """Dispatch the events committed since the last tick; return how many.
 
-        Rows stream through a server-side cursor, so a huge transaction never
-        sits in memory whole. ``position`` moves with every event dispatched,
-        so a resuming subscriber knows exactly where its replay must stop.
+        One round trip (relay.poll) in the common case. A tick with more than
+        POLL_ROWS events streams the rest through a server-side cursor, so a
+        huge transaction never sits in memory whole. ``position`` moves with
+        every event dispatched, so a resuming subscriber knows exactly where
+        its replay must stop, and a tick interrupted by a lost connection is
+        never dispatched twice.
         """
+        assert self.last_tick is not None
+        rows = await conn.fetch(POLL_SQL, self.last_tick, POLL_ROWS)
+        newest: int = rows[0]["upto"]
+        if newest <= self.last_tick:
+            return 0
         dispatched = 0
-        while True:
-            tick = await conn.fetchval("SELECT relay.tick()")
-            assert self.last_tick is not None
-            if tick <= self.last_tick:
-                return dispatched
+        for row in rows:
+            if row["tick"] is not None:
+                dispatched += await self._dispatch(row, dispatched)
+        if len(rows) >= POLL_ROWS:
             async with conn.transaction(readonly=True):
-                async for row in conn.cursor(EVENTS_SQL, self.last_tick, tick, prefetch=500):
-                    event = event_from_record(row)
-                    if self._position is not None and not self._position.before(event):
-                        continue  # dispatched before the connection broke mid-tick
-                    self._position = Position(event.tick, event.seq)
-                    try:
-                        self.dbhub.dispatch(event)
-                    except Exception:
-                        log.exception("dispatch failed repo=%s pos=%s", event.repo, event.pos)
-                    dispatched += 1
-                    if dispatched % YIELD_EVERY == 0:
-                        # Let socket writers drain between slices of a big transaction.
-                        await asyncio.sleep(0)
-            self.last_tick = tick
-            self._position = Position(tick)
+                cursor = conn.cursor(EVENTS_SQL, self.last_tick, newest, prefetch=POLL_ROWS)
+                async for row in cursor:
+                    dispatched += await self._dispatch(row, dispatched)
+        self.last_tick = newest
+        self._position = Position(newest)
+        return dispatched
+
+    async def _dispatch(self, row: Any, dispatched: int) -> int:
+        event = event_from_record(row)
+        if self._position is not None and not self._position.before(event):
+            return 0  # dispatched already, before the connection broke mid-tick
+        self._position = Position(event.tick, event.seq)
+        try:
+            self.dbhub.dispatch(event)
+        except Exception:
+            log.exception("dispatch failed repo=%s pos=%s", event.repo, event.pos)
+        if (dispatched + 1) % YIELD_EVERY == 0:
+            # Let socket writers drain between slices of a big transaction.
+            await asyncio.sleep(0)
+        return 1
 
     @property
     def position(self) -> Position:

@@ -142,6 +142,31 @@ LANGUAGE sql STABLE AS $$
     ORDER BY t.id, e.seq
 $$;
 
+-- One listener round trip: tick, then the events of the new ticks (at most
+-- max_rows of them; the caller streams the rest with events_between). Every
+-- row carries the newest tick in "upto"; with no new events a single row with
+-- only "upto" set is returned.
+CREATE OR REPLACE FUNCTION relay.poll(after_tick bigint, max_rows integer)
+RETURNS TABLE (
+    upto bigint, tick bigint, seq bigint, repo text, op text, row_id text,
+    owner_id text, account_id text, old_owner_id text, old_account_id text, data text
+)
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    newest bigint := relay.tick();
+BEGIN
+    IF newest > after_tick THEN
+        RETURN QUERY
+            SELECT newest, ev.* FROM relay.events_between(after_tick, newest) ev LIMIT max_rows;
+        IF FOUND THEN
+            RETURN;
+        END IF;
+    END IF;
+    RETURN QUERY SELECT newest, NULL::bigint, NULL::bigint, NULL::text, NULL::text, NULL::text,
+                        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text;
+END;
+$$;
+
 -- Drop the log outside the retention window: events older than "keep", and
 -- beyond the newest "max_rows" events (NULL: no size cap). Positions in ticks
 -- older than the oldest kept tick can no longer be resumed from; clients get

@@ -302,3 +302,21 @@ async def test_listener_survives_terminated_connection(relay, client, db, repo: 
     got = [json.loads((await c.expect("db_created", timeout=15))["data"])["id"] for _ in range(6)]
     assert got == [during, *after]
     await c.silent()
+
+
+async def test_one_statement_of_2500_rows_arrives_whole_and_in_order(relay, client, db, repo):
+    r = await relay(send_queue_frames=5000)
+    name = await repo("_744_")
+    c = await client(r)
+    await c.auth(r.token("A", "1"))
+    await c.join(f"db-{name}")
+    await db.execute(
+        f"INSERT INTO {name} (owner_id, account_id, data)"
+        " SELECT 'A', '1', jsonb_build_object('n', g) FROM generate_series(1, 2500) g"
+        " ORDER BY g"
+    )
+    frames = [await c.expect("db_created") for _ in range(2500)]
+    assert sorted(json.loads(f["data"])["data"]["n"] for f in frames) == list(range(1, 2501))
+    positions = [tuple(int(x) for x in f["pos"].split("-")) for f in frames]
+    assert positions == sorted(set(positions))
+    await c.silent()
