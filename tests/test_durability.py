@@ -38,6 +38,36 @@ async def frames_until_quiet(c: WsClient, window: float = 0.8) -> list[dict[str,
             return out
 
 
+class SteadyWriter:
+    """Inserts rows numbered 0, 1, 2, ... on its own connection until stopped."""
+
+    def __init__(self, pg_url: str, name: str, pause: float = 0.002) -> None:
+        self.pg_url, self.name, self.pause = pg_url, name, pause
+        self.written: list[int] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> SteadyWriter:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        conn = await asyncpg.connect(self.pg_url)
+        try:
+            while not self._stop.is_set():
+                n = len(self.written)
+                await insert(conn, self.name, "A", "1", n)
+                self.written.append(n)
+                await asyncio.sleep(self.pause)
+        finally:
+            await conn.close()
+
+
 async def subscribed(relay_handle, client, name: str, user="A", account="1", **extra: str):
     c = await client(relay_handle)
     await c.auth(relay_handle.token(user, account))
@@ -92,29 +122,13 @@ async def test_resume_while_writers_keep_writing_has_no_gap_or_duplicate(
     name = await repo("_744_")
     c, joined = await subscribed(r, client, name)
     await c.close()
-    stop = asyncio.Event()
-    written: list[int] = []
-
-    async def writer() -> None:
-        conn = await asyncpg.connect(pg_url)
-        n = 0
-        try:
-            while not stop.is_set():
-                await insert(conn, name, "A", "1", n)
-                written.append(n)
-                n += 1
-                await asyncio.sleep(0.002)
-        finally:
-            await conn.close()
-
-    task = asyncio.create_task(writer())
+    writer = SteadyWriter(pg_url, name).start()
     await asyncio.sleep(0.5)
     c2, _ = await subscribed(r, client, name, after=joined["pos"])
     await asyncio.sleep(0.5)
-    stop.set()
-    await task
+    await writer.stop()
     got = [json.loads(f["data"])["data"]["n"] for f in await frames_until_quiet(c2, 1.5)]
-    assert got == written
+    assert got == writer.written
 
 
 async def test_late_committer_is_not_skipped_on_resume(relay, client, db, pg_url, repo):
@@ -334,27 +348,13 @@ async def test_relay_killed_and_restarted_loses_nothing(client, db, pg_url, repo
     handle = RelayHandle(None, None, port, JWT_SECRET)  # type: ignore[arg-type]
     token = mint_token(JWT_SECRET, "A", "1")
     proc = await start()
-    written: list[int] = []
-    stop = asyncio.Event()
-
-    async def writer() -> None:
-        conn = await asyncpg.connect(pg_url)
-        try:
-            n = 0
-            while not stop.is_set():
-                await insert(conn, name, "A", "1", n)
-                written.append(n)
-                n += 1
-                await asyncio.sleep(0.005)
-        finally:
-            await conn.close()
-
+    writer = SteadyWriter(pg_url, name, pause=0.005)
     try:
         c = await client(handle)
         await c.auth(token)
         position = (await c.join(f"db-{name}"))["pos"]
         received: list[int] = []
-        task = asyncio.create_task(writer())
+        writer.start()
         while len(received) < 20:
             frame = await c.recv()
             received.append(json.loads(frame["data"])["data"]["n"])
@@ -367,13 +367,12 @@ async def test_relay_killed_and_restarted_loses_nothing(client, db, pg_url, repo
         await c2.auth(token)
         await c2.join(f"db-{name}", after=position)
         await asyncio.sleep(0.5)
-        stop.set()
-        await task
+        await writer.stop()
         for frame in await frames_until_quiet(c2, 1.5):
             received.append(json.loads(frame["data"])["data"]["n"])
-        assert received == written
+        assert received == writer.written
     finally:
-        stop.set()
+        await writer.stop()
         proc.kill()
         proc.wait(timeout=10)
 
@@ -382,22 +381,7 @@ async def test_listener_terminated_mid_stream_loses_nothing(relay, client, db, p
     r = await relay()
     name = await repo("_744_")
     c, _ = await subscribed(r, client, name)
-    written: list[int] = []
-    stop = asyncio.Event()
-
-    async def writer() -> None:
-        conn = await asyncpg.connect(pg_url)
-        try:
-            n = 0
-            while not stop.is_set():
-                await insert(conn, name, "A", "1", n)
-                written.append(n)
-                n += 1
-                await asyncio.sleep(0.002)
-        finally:
-            await conn.close()
-
-    task = asyncio.create_task(writer())
+    writer = SteadyWriter(pg_url, name).start()
     for _ in range(3):
         await asyncio.sleep(0.3)
         await db.execute(
@@ -405,10 +389,9 @@ async def test_listener_terminated_mid_stream_loses_nothing(relay, client, db, p
             " WHERE application_name = 'relay-listener'"
         )
     await asyncio.sleep(0.3)
-    stop.set()
-    await task
+    await writer.stop()
     got = [json.loads(f["data"])["data"]["n"] for f in await frames_until_quiet(c, 2.0)]
-    assert got == written
+    assert got == writer.written
 
 
 async def test_resume_big_backlog_while_writes_continue(relay, client, db, pg_url, repo):
