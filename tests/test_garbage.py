@@ -7,7 +7,7 @@ short, readable reason, its socket stays open and usable, and a second socket
 sharing a channel with it receives nothing unexpected and still gets its
 messages. Also: the error budget (more than ``ERROR_BUDGET`` errors within
 ``ERROR_WINDOW`` seconds closes a socket with code 4000, per socket), and the
-protocol-level limits aiohttp enforces (invalid UTF-8: 1007, over 16 MiB: 1009).
+protocol-level limits aiohttp enforces (invalid UTF-8: 1007, over 4 MiB: 1009).
 """
 
 from __future__ import annotations
