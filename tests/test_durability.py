@@ -397,38 +397,38 @@ async def test_listener_terminated_mid_stream_loses_nothing(relay, client, db, p
 async def test_resume_big_backlog_while_writes_continue(relay, client, db, pg_url, repo):
     """Replay and held-back live frames both go through flow control: a client
     with a small send queue catches up instead of being cut off."""
-    r = await relay(send_queue_frames=300)
+    r = await relay(send_queue_frames=1000)
     name = await repo("_744_")
     c, joined = await subscribed(r, client, name)
     await c.close()
     await db.execute(
         f"INSERT INTO {name} (owner_id, account_id, data)"
-        " SELECT 'A', '1', jsonb_build_object('n', g) FROM generate_series(0, 2999) g"
+        " SELECT 'A', '1', jsonb_build_object('n', g) FROM generate_series(0, 9999) g"
     )
-    written = list(range(3000))
+    written = list(range(10000))
     stop = asyncio.Event()
 
     async def writer() -> None:
         conn = await asyncpg.connect(pg_url)
-        n = 3000
+        n = 10000
         try:
             while not stop.is_set():
                 await conn.execute(
                     f"INSERT INTO {name} (owner_id, account_id, data)"
                     " SELECT 'A', '1', jsonb_build_object('n', g)"
-                    " FROM generate_series($1::int, $1::int + 9) g",
+                    " FROM generate_series($1::int, $1::int + 4) g",
                     n,
                 )
-                written.extend(range(n, n + 10))
-                n += 10
-                await asyncio.sleep(0.02)  # ~500 rows/s: slower than the client reads
+                written.extend(range(n, n + 5))
+                n += 5
+                await asyncio.sleep(0.02)  # ~250 rows/s: slower than the client reads
         finally:
             await conn.close()
 
     task = asyncio.create_task(writer())
     c2, _ = await subscribed(r, client, name, after=joined["pos"])
     got: list[int] = []
-    while len(got) < 3000:
+    while len(got) < 10000:
         got.append(json.loads((await c2.recv())["data"])["data"]["n"])
     stop.set()
     await task
