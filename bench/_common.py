@@ -262,7 +262,9 @@ def _relay_main(url: str, port: int, poll_seconds: float, conn: Any) -> None:
     from relay.server import create_app
 
     async def main() -> None:
-        settings = Settings(jwt_secret=JWT_SECRET, database_url=url, poll_seconds=poll_seconds)
+        settings = Settings.from_env()  # RELAY_BUSY_POLL_MS and friends apply
+        settings.jwt_secret, settings.database_url = JWT_SECRET, url
+        settings.poll_seconds = poll_seconds
         app = create_app(settings, url, settings.jwt_secret)
         runner = web.AppRunner(app, shutdown_timeout=2)
         await runner.setup()

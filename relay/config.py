@@ -60,6 +60,8 @@ class Settings:
     heartbeat_seconds: float = 30.0
     # How long the listener waits for a wake-up before polling the event log anyway.
     poll_seconds: float = 1.0
+    # While events flow the listener polls the log this often (latency vs database work).
+    busy_poll_seconds: float = 0.005
     # Event log retention: by age and by size (None: no size cap); pruned every prune_seconds.
     event_retention_seconds: int = 24 * 3600
     event_retention_rows: int | None = 10_000_000
@@ -86,6 +88,9 @@ class Settings:
         if env.get("RELAY_EVENT_RETENTION_ROWS"):
             rows = _int(env, "RELAY_EVENT_RETENTION_ROWS", 0)
             settings.event_retention_rows = rows or None
+        settings.busy_poll_seconds = (
+            _float(env, "RELAY_BUSY_POLL_MS", settings.busy_poll_seconds * 1000) / 1000
+        )
         settings.heartbeat_seconds = _float(
             env, "RELAY_HEARTBEAT_SECONDS", settings.heartbeat_seconds
         )

@@ -126,6 +126,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         state.database_url,
         state.dbhub,
         poll_seconds=state.settings.poll_seconds,
+        busy_poll_seconds=state.settings.busy_poll_seconds,
         on_state=state.db_state_changed,
     )
     await state.listener.start()

@@ -94,7 +94,14 @@ SELECT pg_current_snapshot() WHERE NOT EXISTS (SELECT 1 FROM relay.ticks);
 -- newest tick id either way. Ticks are serialized by an advisory lock so that
 -- each snapshot contains the one before it, whichever relay process ticks.
 CREATE OR REPLACE FUNCTION relay.tick() RETURNS bigint
-LANGUAGE plpgsql VOLATILE AS $$
+LANGUAGE plpgsql VOLATILE
+-- The best plan depends on the snapshot values: a generic plan would scan the
+-- whole log. Plan each call with its actual values (microseconds to plan), and
+-- never by scanning the log: on a fast-growing log the statistics lag behind,
+-- and a sequential scan "that stops at the first match" reads it all.
+SET plan_cache_mode = force_custom_plan
+SET enable_seqscan = off
+AS $$
 DECLARE
     last_id   bigint;
     last_snap pg_snapshot;
@@ -125,7 +132,10 @@ RETURNS TABLE (
     tick bigint, seq bigint, repo text, op text, row_id text,
     owner_id text, account_id text, old_owner_id text, old_account_id text, data text
 )
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE
+SET plan_cache_mode = force_custom_plan
+SET enable_seqscan = off
+AS $$
     SELECT t.id, e.seq, e.repo, e.op::text, e.row_id::text,
            e.owner_id, e.account_id, e.old_owner_id, e.old_account_id, e.data::text
     FROM (
@@ -151,7 +161,10 @@ RETURNS TABLE (
     upto bigint, tick bigint, seq bigint, repo text, op text, row_id text,
     owner_id text, account_id text, old_owner_id text, old_account_id text, data text
 )
-LANGUAGE plpgsql VOLATILE AS $$
+LANGUAGE plpgsql VOLATILE
+SET plan_cache_mode = force_custom_plan
+SET enable_seqscan = off
+AS $$
 DECLARE
     newest bigint := relay.tick();
 BEGIN
