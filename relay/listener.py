@@ -34,6 +34,7 @@ APPLICATION_NAME = "relay-listener"
 EVENTS_SQL = "SELECT * FROM relay.events_between($1, $2)"
 POLL_SQL = "SELECT * FROM relay.poll($1, $2)"
 POLL_ROWS = 1000
+QUERY_TIMEOUT = 10.0
 # Register this connection (and forget listeners whose backend is gone).
 REGISTER_SQL = """
 DELETE FROM relay.listeners WHERE pid NOT IN (SELECT pid FROM pg_stat_activity);
@@ -111,7 +112,11 @@ class Listener:
         while True:
             try:
                 conn = await asyncpg.connect(
-                    self.url, server_settings={"application_name": APPLICATION_NAME}
+                    self.url,
+                    server_settings={"application_name": APPLICATION_NAME},
+                    timeout=QUERY_TIMEOUT,
+                    # A silent network partition surfaces as a timeout, then a reconnect.
+                    command_timeout=QUERY_TIMEOUT,
                 )
                 self._conn = conn
                 await conn.add_listener(CHANNEL, self._on_notify)
