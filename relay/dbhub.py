@@ -89,11 +89,14 @@ class RepoSubscribers:
     by_user: dict[str, set[Socket]] = field(default_factory=dict)
     # Sockets replaying from the log, with the live frames held back for them.
     catching_up: dict[Socket, deque[str]] = field(default_factory=dict)
+    # The identity each socket was indexed under (it may re-auth as another).
+    indexed_as: dict[Socket, Identity] = field(default_factory=dict)
 
     def add(self, socket: Socket) -> None:
         ident = socket.identity
         assert ident is not None
         self.everyone.add(socket)
+        self.indexed_as[socket] = ident
         if ident.is_root:
             self.roots.add(socket)
         if ident.account_id is not None:
@@ -101,14 +104,19 @@ class RepoSubscribers:
         self.by_user.setdefault(ident.user_id, set()).add(socket)
 
     def remove(self, socket: Socket) -> None:
+        """Drop a socket from every index, in time independent of the subscriber count."""
+        ident = self.indexed_as.pop(socket, None)
         self.everyone.discard(socket)
         self.roots.discard(socket)
         self.catching_up.pop(socket, None)
-        for index in (self.by_account, self.by_user):
-            for key in [k for k, members in index.items() if socket in members]:
-                index[key].discard(socket)
-                if not index[key]:
-                    del index[key]
+        if ident is None:
+            return
+        for index, key in ((self.by_account, ident.account_id), (self.by_user, ident.user_id)):
+            if key is None or key not in index:
+                continue
+            index[key].discard(socket)
+            if not index[key]:
+                del index[key]
 
     def readers(self, owner: str | None, account: str | None) -> set[Socket]:
         if self.mode.everyone_reads:

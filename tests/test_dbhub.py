@@ -135,3 +135,17 @@ def test_position_parse(text: str, pos: Position) -> None:
 def test_position_rejects_garbage() -> None:
     with pytest.raises(ValueError):
         Position.parse("x-1")
+
+
+def test_reauth_as_another_user_reindexes_and_unsubscribe_cleans_every_index(hub) -> None:
+    h, s = hub
+    a = s["A"]
+    a.identity = Identity("Z", "2")
+    h.subscribe(a, "tasks_760_")  # what the server does after a re-auth
+    h.dispatch(event("c", owner="Q", account="1"))
+    assert sent(a) == []  # no longer in account 1
+    h.dispatch(event("c", owner="Q", account="2"))
+    assert [f["type"] for f in sent(a)] == ["db_created"]
+    for sock in s.values():
+        h.unsubscribe(sock, "tasks_760_")
+    assert "tasks_760_" not in h.repos
