@@ -206,9 +206,6 @@ class Hub:
                 await self.leave(socket, name)
         socket.channels.clear()
 
-    def count(self, app_id: str) -> int:
-        return sum(1 for s in self.sockets.values() if s.app_id == app_id)
-
     async def join(self, socket: Socket, name: str) -> None:
         key = (socket.app_id, name)
         members = self._members.get(key)
