@@ -141,7 +141,11 @@ AS $$
     FROM (
         SELECT id, snapshot, lag(snapshot) OVER (ORDER BY id) AS prev
         FROM relay.ticks
-        WHERE id >= after_tick AND id <= upto_tick
+        -- Start at the newest tick at or before after_tick, not at after_tick
+        -- itself: tick ids can have gaps (a rolled-back tick, a crash), and
+        -- each tick needs its real predecessor as its lower edge.
+        WHERE id >= coalesce((SELECT max(id) FROM relay.ticks WHERE id <= after_tick), 0)
+          AND id <= upto_tick
     ) t
     JOIN relay.events e
       ON e.xid >= pg_snapshot_xmin(t.prev)
@@ -243,11 +247,25 @@ DECLARE
     old_account_expr text;
 BEGIN
     SELECT c.relname INTO tbl_name FROM pg_class c WHERE c.oid = tbl;
+    IF EXISTS (SELECT 1 FROM relay.watched w WHERE w.repo = tbl_name AND w.table_oid <> tbl) THEN
+        RAISE EXCEPTION 'another table named % is already watched: repositories are named '
+                        'by table name, so unwatch it first', tbl_name;
+    END IF;
     repo_mode := coalesce(substring(tbl_name from '_([0-7]{3})_$'), '740');
     PERFORM 1 FROM pg_attribute
      WHERE attrelid = tbl AND attname = id_column AND attnum > 0 AND NOT attisdropped;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'table % has no column %', tbl, id_column;
+    END IF;
+    -- Updates pair old and new rows by id, so the id must identify one row.
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_index i JOIN pg_attribute a
+          ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+        WHERE i.indrelid = tbl AND i.indisunique AND i.indnkeyatts = 1
+          AND i.indpred IS NULL AND a.attname = id_column
+    ) THEN
+        RAISE EXCEPTION 'column % of % is not unique: the id column needs a primary key '
+                        'or unique index of its own', id_column, tbl;
     END IF;
     fn := 'capture_' || tbl::oid;
     owner_expr := CASE WHEN owner_column IS NULL THEN 'NULL::text'

@@ -320,3 +320,29 @@ async def test_one_statement_of_2500_rows_arrives_whole_and_in_order(relay, clie
     positions = [tuple(int(x) for x in f["pos"].split("-")) for f in frames]
     assert positions == sorted(set(positions))
     await c.silent()
+
+
+async def test_same_table_name_in_two_schemas_is_refused(db):
+    from relay.repos import RepoError, watch
+
+    name = "dup_" + uuid.uuid4().hex[:8] + "_744_"
+    schemas = ["s" + uuid.uuid4().hex[:6] for _ in range(2)]
+    for schema in schemas:
+        await db.execute(f"CREATE SCHEMA {schema}")
+        await db.execute(f"CREATE TABLE {schema}.{name} (id int PRIMARY KEY, o text, a text)")
+    assert await watch(db, f"{schemas[0]}.{name}", "id", "o", "a") == name
+    with pytest.raises(RepoError, match="already watched"):
+        await watch(db, f"{schemas[1]}.{name}", "id", "o", "a")
+    # The first one is untouched, and watching it again is still fine.
+    assert await watch(db, f"{schemas[0]}.{name}", "id", "o", "a") == name
+    owner = await db.fetchval("SELECT table_oid::text FROM relay.watched WHERE repo = $1", name)
+    assert owner == f"{schemas[0]}.{name}"
+
+
+async def test_id_column_must_be_unique(db):
+    from relay.repos import RepoError, watch
+
+    table = "loose_" + uuid.uuid4().hex[:8]
+    await db.execute(f"CREATE TABLE {table} (id int, o text, a text)")
+    with pytest.raises(RepoError, match="not unique"):
+        await watch(db, table, "id", "o", "a")

@@ -434,3 +434,21 @@ async def test_resume_big_backlog_while_writes_continue(relay, client, db, pg_ur
     await task
     got += [json.loads(f["data"])["data"]["n"] for f in await frames_until_quiet(c2, 1.5)]
     assert got == written
+
+
+async def test_resume_across_a_gap_in_tick_ids(relay, client, db, repo: RepoFactory):
+    """Tick ids can have gaps (a rolled-back tick, a crash); a tick after a gap
+    must still be paired with its real predecessor."""
+    r = await relay()
+    name = await repo("_744_")
+    c, _ = await subscribed(r, client, name)
+    await db.fetchval("SELECT nextval(pg_get_serial_sequence('relay.ticks', 'id'))")
+    async with db.transaction():
+        await insert(db, name, "A", "1", 1)
+        await insert(db, name, "A", "1", 2)
+    first, second = await c.expect("db_created"), await c.expect("db_created")
+    assert first["pos"].split("-")[0] == second["pos"].split("-")[0]
+    c2, _ = await subscribed(r, client, name, after=first["pos"])
+    frame = await c2.expect("db_created")
+    assert frame["pos"] == second["pos"]
+    await c2.silent()
