@@ -10,6 +10,7 @@ seam, and memory bounded whatever the backlog.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import asyncpg
 
@@ -32,12 +33,18 @@ async def join_db(
     socket: Socket,
     name: str,
     after_text: str | None,
+    admit: Callable[[], None],
 ) -> None:
+    """``admit`` re-checks the socket's right to join after the awaits (its
+    session may have expired while the database answered); it raises to refuse."""
     repo = name[len(protocol.DB_CHANNEL_PREFIX) :]
     watched = await pool.fetchval("SELECT 1 FROM relay.watched WHERE repo = $1", repo)
     if not watched:
         raise RelayError(f"cannot join {name}: {repo!r} is not a watched table")
     after = await _check_position(pool, listener, after_text) if after_text else None
+    if socket.closing:
+        return
+    admit()
     # Subscribing and reading the listener's position happen in one step of
     # the event loop: whatever is dispatched from now on comes after `upto`.
     dbhub.subscribe(socket, repo, catching_up=after is not None)

@@ -17,13 +17,14 @@ import contextlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from relay import protocol
 from relay.auth import Identity
+from relay.broker.base import BrokerError
 from relay.protocol import CloseCode
 
 if TYPE_CHECKING:
@@ -195,6 +196,9 @@ class Hub:
         self.broker = broker
         self.sockets: dict[str, Socket] = {}
         self._members: dict[ChannelKey, set[Socket]] = {}
+        # Serializes broker (un)subscriptions so a join and the last leave of
+        # one channel cannot interleave and leave it silently unsubscribed.
+        self._subscriptions = asyncio.Lock()
 
     def add(self, socket: Socket) -> None:
         self.sockets[socket.id] = socket
@@ -206,25 +210,49 @@ class Hub:
                 await self.leave(socket, name)
         socket.channels.clear()
 
-    async def join(self, socket: Socket, name: str) -> None:
+    async def join(
+        self, socket: Socket, name: str, admit: Callable[[], None] | None = None
+    ) -> None:
+        """Add a member, subscribing the broker first if the channel is new here.
+
+        ``admit`` re-checks the socket's right to join after the broker round
+        trip (its session may have expired meanwhile); it raises to refuse.
+        Invariant: a channel key exists exactly while the broker is subscribed.
+        """
         key = (socket.app_id, name)
-        members = self._members.get(key)
-        if members is None:
-            members = self._members[key] = set()
-            await self.broker.subscribe(socket.app_id, name)
-        members.add(socket)
+        if key not in self._members:
+            async with self._subscriptions:
+                if key not in self._members:
+                    await self.broker.subscribe(socket.app_id, name)
+                    self._members[key] = set()
+        try:
+            if admit is not None:
+                admit()
+        except Exception:
+            await self._drop_if_empty(key)
+            raise
+        self._members[key].add(socket)
         socket.channels.add(name)
 
     async def leave(self, socket: Socket, name: str) -> None:
         key = (socket.app_id, name)
-        members = self._members.get(key)
         socket.channels.discard(name)
-        if members is None:
+        members = self._members.get(key)
+        if members is not None:
+            members.discard(socket)
+            await self._drop_if_empty(key)
+
+    async def _drop_if_empty(self, key: ChannelKey) -> None:
+        if self._members.get(key):
             return
-        members.discard(socket)
-        if not members:
-            del self._members[key]
-            await self.broker.unsubscribe(socket.app_id, name)
+        async with self._subscriptions:
+            if key in self._members and not self._members[key]:
+                del self._members[key]
+                try:
+                    await self.broker.unsubscribe(*key)
+                except BrokerError as err:
+                    # Messages for a channel without members are dropped on delivery.
+                    log.warning("broker unsubscribe failed channel=%s error=%s", key[1], err)
 
     async def publish(self, app_id: str, channel: str, data: str) -> None:
         await self.broker.publish(app_id, channel, data)

@@ -19,7 +19,7 @@ from aiohttp import WSMsgType, web
 
 from relay import protocol, sessions
 from relay.auth import TokenVerifier, new_socket_token, same_token
-from relay.broker import Broker, create_broker
+from relay.broker import Broker, BrokerError, create_broker
 from relay.config import Settings
 from relay.dbhub import DbHub, Position
 from relay.dbjoin import join_db
@@ -244,10 +244,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     finally:
         state.per_app[app.id] -= 1
         sessions.forget(limits)
-        state.dbhub.unsubscribe_all(socket)
-        await state.hub.remove(socket)
         state.limits.pop(socket.id, None)
-        await socket.flush_and_close(CloseCode.GOING_AWAY, "")
+        state.dbhub.unsubscribe_all(socket)
+        try:
+            await state.hub.remove(socket)
+        finally:
+            await socket.flush_and_close(CloseCode.GOING_AWAY, "")
         log.info("disconnected sid=%s app=%s code=%s", socket.id, app.id, ws.close_code)
     return ws
 
@@ -278,6 +280,11 @@ async def _handle(state: RelayState, app: App, socket: Socket, raw: str) -> None
         await handler(state, app, socket, frame)
     except RelayError as err:
         _report(state, socket, err, frame)
+    except BrokerError as err:
+        log.warning("broker unavailable sid=%s error=%s", socket.id, err)
+        _report(
+            state, socket, RelayError("channels unavailable: try again shortly"), frame, blame=False
+        )
     except DB_DOWN_ERRORS as err:
         # Not the client's fault: reported, but not held against its error budget.
         what = "database unreachable" if not isinstance(err, OSError) else "unavailable"
@@ -363,13 +370,21 @@ async def on_join(state: RelayState, app: App, socket: Socket, frame: ClientFram
     if protocol.is_db_channel(name):
         await _join_db(state, socket, frame, name)
         return
-    await state.hub.join(socket, name)
+    await state.hub.join(socket, name, admit=lambda: _require_auth(socket, frame))
     socket.reply("joined", name, channel=name)
 
 
 async def _join_db(state: RelayState, socket: Socket, frame: ClientFrame, name: str) -> None:
     assert state.pool is not None and state.listener is not None
-    await join_db(state.pool, state.listener, state.dbhub, socket, name, frame.get("after"))
+    await join_db(
+        state.pool,
+        state.listener,
+        state.dbhub,
+        socket,
+        name,
+        frame.get("after"),
+        admit=lambda: _require_auth(socket, frame),
+    )
 
 
 async def on_chan_in(state: RelayState, app: App, socket: Socket, frame: ClientFrame) -> None:
@@ -381,6 +396,8 @@ async def on_chan_in(state: RelayState, app: App, socket: Socket, frame: ClientF
         raise RelayError("you cannot write to a database channel")
     if channel not in socket.channels:
         raise RelayError(f"not a member of {channel[:80]!r}: join it first")
+    # "ok" first, as clients expect it before their own chan_out; if the broker
+    # is unreachable an error frame follows, so the sender knows it was not sent.
     socket.reply("ok", channel=channel)
     await state.hub.publish(socket.app_id, channel, frame.data or "")
 

@@ -222,9 +222,8 @@ def random_name(prefix: str = "room") -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A real redis-server on a free port, for the Redis broker tests."""
+def start_redis(port: int, workdir: str) -> Any:
+    """A real redis-server on ``port``, ready to serve (skips if not installed)."""
     import subprocess
     import time
 
@@ -233,8 +232,6 @@ def redis_url() -> Iterator[str]:
         pytest.skip(
             "redis-server is not installed (apt-get install redis-server); .ci/run installs it"
         )
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="relay-test-redis-")
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
         stdout=subprocess.DEVNULL,
@@ -244,12 +241,20 @@ def redis_url() -> Iterator[str]:
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
+                return proc
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
                 raise RuntimeError("redis-server did not start") from None
             time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server on a free port, for the Redis broker tests."""
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="relay-test-redis-")
+    proc = start_redis(port, workdir)
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)

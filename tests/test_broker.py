@@ -88,3 +88,45 @@ async def test_leaving_the_last_member_unsubscribes(relay, client, redis_url: st
     await alice.publish("quiet", "anyone?")
     assert (await alice.expect("chan_out"))["data"] == "anyone?"
     await alice.silent()
+
+
+async def test_redis_outage_gives_errors_not_dead_sockets(relay, client, tmp_path) -> None:
+    """While Redis is down, chat requests get error frames and sockets live on;
+    once it is back, new and old channels work again."""
+    from tests.conftest import free_port, start_redis
+
+    port = free_port()
+    proc = start_redis(port, str(tmp_path))
+    try:
+        r = await relay(broker_url=f"redis://127.0.0.1:{port}/0")
+        alice = await client(r)
+        await alice.auth(r.token("alice", "1"))
+        await alice.join("before")
+        proc.terminate()
+        proc.wait(timeout=10)
+
+        bob = await client(r)
+        await bob.auth(r.token("bob", "1"))
+        await bob.send(type="join", data="during", token=bob.token)
+        assert "unavailable" in (await bob.expect("error"))["data"]
+        await alice.send(type="chan_in", channel="before", data="lost", token=alice.token)
+        await alice.expect("ok")
+        assert "unavailable" in (await alice.expect("error"))["data"]
+        await bob.send(type="echo", data="still here")
+        assert (await bob.expect("echo"))["data"] == "echo: still here"
+
+        proc = start_redis(port, str(tmp_path))
+        await bob.join("during")  # the failed join left nothing half-done behind
+        for _ in range(50):  # the broker's reader reconnects within a few seconds
+            await bob.send(type="chan_in", channel="during", data="back", token=bob.token)
+            await bob.expect("ok")
+            frame = await bob.recv()
+            if frame["type"] == "chan_out":
+                assert frame["data"] == "back"
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("channel did not recover after Redis came back")
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

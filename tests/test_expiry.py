@@ -7,6 +7,7 @@ frame each after the ``token`` frame).
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from tests.conftest import WsClient, random_name
@@ -130,3 +131,21 @@ async def test_token_without_exp_never_expires_and_expiry_is_per_socket(relay, c
     await forever.publish(room, "only me")
     assert (await forever.expect("chan_out"))["data"] == "only me"
     await short.silent()
+
+
+async def test_session_expiring_during_a_db_join_is_not_subscribed(relay, client, db, repo):
+    """The join's database round trip is held up until the session has expired:
+    the join must be refused, not completed for an expired socket."""
+    r = await relay()
+    table = await repo("_700_")
+    c = await client(r)
+    await c.auth(r.token("alice", "1", ttl_seconds=2))
+    async with db.transaction():
+        await db.execute("LOCK TABLE relay.watched IN ACCESS EXCLUSIVE MODE")
+        await c.send(type="join", data=f"db-{table}", token=c.token)
+        await asyncio.sleep(3)  # past exp while the join waits for the lock
+    frames = [await c.recv(timeout=EXPIRY_WAIT), await c.recv(timeout=EXPIRY_WAIT)]
+    assert all(f["type"] == "error" for f in frames), frames
+    assert any("session expired" in f["data"] for f in frames)
+    await insert(db, table, "alice", 1)
+    await c.silent(1.0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay.broker.base import Broker, DeliverFn
+from relay.broker.base import Broker, BrokerError, DeliverFn
 
 
 def create_broker(url: str, deliver: DeliverFn) -> Broker:
@@ -18,4 +18,4 @@ def create_broker(url: str, deliver: DeliverFn) -> Broker:
     raise ValueError(f"unknown broker URL scheme {scheme!r}: use memory:// or redis://")
 
 
-__all__ = ["Broker", "DeliverFn", "create_broker"]
+__all__ = ["Broker", "BrokerError", "DeliverFn", "create_broker"]

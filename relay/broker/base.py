@@ -5,6 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+
+class BrokerError(Exception):
+    """The broker could not be reached: the publish or (un)subscribe did not happen."""
+
+
 # deliver(app_id, channel, data): hand one message to the local hub.
 DeliverFn = Callable[[str, str, str], None]
 

@@ -10,15 +10,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
-from relay.broker.base import DeliverFn
+from relay.broker.base import BrokerError, DeliverFn
 
 log = logging.getLogger("relay.broker")
 
 PREFIX = "relay:chan:"
+
+
+@contextlib.contextmanager
+def _unavailable_as_broker_error() -> Iterator[None]:
+    from redis.exceptions import RedisError
+
+    try:
+        yield
+    except (RedisError, OSError) as err:
+        raise BrokerError(f"redis: {type(err).__name__}") from err
 
 
 class RedisBroker:
@@ -54,13 +65,16 @@ class RedisBroker:
         return PREFIX + orjson.dumps([app_id, channel]).decode()
 
     async def publish(self, app_id: str, channel: str, data: str) -> None:
-        await self._redis.publish(self._key(app_id, channel), data)
+        with _unavailable_as_broker_error():
+            await self._redis.publish(self._key(app_id, channel), data)
 
     async def subscribe(self, app_id: str, channel: str) -> None:
-        await self._pubsub.subscribe(self._key(app_id, channel))
+        with _unavailable_as_broker_error():
+            await self._pubsub.subscribe(self._key(app_id, channel))
 
     async def unsubscribe(self, app_id: str, channel: str) -> None:
-        await self._pubsub.unsubscribe(self._key(app_id, channel))
+        with _unavailable_as_broker_error():
+            await self._pubsub.unsubscribe(self._key(app_id, channel))
 
     async def _read_loop(self) -> None:
         while True:
