@@ -27,8 +27,31 @@ from relay.protocol import CloseCode
 log = logging.getLogger("relay.db")
 
 TYPE_BY_OP = {"c": "db_created", "u": "db_updated", "d": "db_deleted"}
-# Live frames held for one resuming socket before it counts as a slow consumer.
+# Live frames held for one resuming socket before it counts as a slow consumer:
+# at most this many, and at most its send queue's byte cap (or this default).
 MAX_HELD_FRAMES = 50_000
+DEFAULT_HELD_BYTES = 16 * 1024 * 1024
+
+
+class Held:
+    """Live frames held back for one socket while it replays, bounded in count and size."""
+
+    __slots__ = ("frames", "size")
+
+    def __init__(self) -> None:
+        self.frames: deque[str] = deque()
+        self.size = 0
+
+    def hold(self, text: str, max_bytes: int) -> bool:
+        """Keep one frame; False when that breaks the bounds (the socket is too slow)."""
+        self.frames.append(text)
+        self.size += len(text)
+        return len(self.frames) <= MAX_HELD_FRAMES and self.size <= max_bytes
+
+    def pop(self) -> str:
+        text = self.frames.popleft()
+        self.size -= len(text)
+        return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +111,7 @@ class RepoSubscribers:
     by_account: dict[str, set[Socket]] = field(default_factory=dict)
     by_user: dict[str, set[Socket]] = field(default_factory=dict)
     # Sockets replaying from the log, with the live frames held back for them.
-    catching_up: dict[Socket, deque[str]] = field(default_factory=dict)
+    catching_up: dict[Socket, Held] = field(default_factory=dict)
     # The identity each socket was indexed under (it may re-auth as another).
     indexed_as: dict[Socket, Identity] = field(default_factory=dict)
 
@@ -140,7 +163,7 @@ class DbHub:
         subs.remove(socket)  # re-joining (perhaps as another user) re-indexes
         subs.add(socket)
         if catching_up:
-            subs.catching_up[socket] = deque()
+            subs.catching_up[socket] = Held()
         socket.channels.add(protocol.DB_CHANNEL_PREFIX + repo)
 
     def unsubscribe(self, socket: Socket, repo: str) -> None:
@@ -167,19 +190,20 @@ class DbHub:
                 tail = protocol.encode_tail(type_, data, channel, pos=event.pos)
                 self._send(subs, targets, tail)
 
-    @staticmethod
-    def _send(subs: RepoSubscribers, targets: Iterable[Socket], tail: str) -> None:
+    def _send(self, subs: RepoSubscribers, targets: Iterable[Socket], tail: str) -> None:
         held = subs.catching_up
+        overflowed = []
         for s in targets:
             text = protocol.with_sid(s.id, tail)
             if held and s in held:
-                backlog = held[s]
-                backlog.append(text)
-                if len(backlog) > MAX_HELD_FRAMES:
-                    log.warning("replay could not catch up sid=%s channel=db-%s", s.id, subs.repo)
-                    s.close(CloseCode.SLOW_CONSUMER, "slow consumer: could not catch up")
+                if not held[s].hold(text, s.queue_bytes or DEFAULT_HELD_BYTES):
+                    overflowed.append(s)
             else:
                 s.send(text)
+        for s in overflowed:
+            log.warning("replay could not catch up sid=%s channel=db-%s", s.id, subs.repo)
+            s.close(CloseCode.SLOW_CONSUMER, "slow consumer: could not catch up")
+            self.unsubscribe(s, subs.repo)
 
     def replay_chunk(
         self, socket: Socket, repo: str, events: Iterable[Event], after: Position
@@ -210,9 +234,9 @@ class DbHub:
         held = subs.catching_up.get(socket) if subs is not None else None
         if subs is None or held is None:
             return True
-        for _ in range(min(max_frames, len(held))):
-            socket.send(held.popleft())
-        if held:
+        for _ in range(min(max_frames, len(held.frames))):
+            socket.send(held.pop())
+        if held.frames:
             return False
         del subs.catching_up[socket]
         return True

@@ -95,6 +95,11 @@ class Socket:
         self.send(protocol.encode(self.id, type, data, channel, token, **extra))
 
     @property
+    def queue_bytes(self) -> int | None:
+        """The send queue's size cap (characters of JSON text), if any."""
+        return self._queue_bytes
+
+    @property
     def batch_size(self) -> int:
         """How many frames a bulk sender may queue after :meth:`wait_writable`."""
         return max(1, self._queue_limit // 2)

@@ -6,6 +6,7 @@ queued frames are read back instead of being written to a network.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -149,3 +150,20 @@ def test_reauth_as_another_user_reindexes_and_unsubscribe_cleans_every_index(hub
     for sock in s.values():
         h.unsubscribe(sock, "tasks_760_")
     assert "tasks_760_" not in h.repos
+
+
+async def test_held_frames_are_bounded_by_the_send_queue_bytes() -> None:
+    from aiohttp import web
+
+    h = DbHub()
+    # An unprepared WebSocketResponse: closing it is a no-op, nothing is written.
+    late = Socket(web.WebSocketResponse(), "default", queue_limit=100, queue_bytes=2_000)
+    late.identity = Identity("A", "1")
+    h.subscribe(late, "tasks_760_", catching_up=True)
+    for n in range(1, 20):  # each frame is a few hundred characters
+        h.dispatch(event("c", owner="A", account="1", seq=n))
+        if late.closing:
+            break
+    assert late.closing
+    assert "tasks_760_" not in h.repos  # dropped from every index, once
+    await asyncio.sleep(0)  # let the close task run to completion
