@@ -35,6 +35,8 @@ EVENTS_SQL = "SELECT * FROM relay.events_between($1, $2)"
 POLL_SQL = "SELECT * FROM relay.poll($1, $2)"
 POLL_ROWS = 1000
 QUERY_TIMEOUT = 10.0
+# How often the sleep handshake checks whether earlier writers have finished.
+HANDSHAKE_POLL_SECONDS = 0.02
 # Register this connection (and forget listeners whose backend is gone).
 REGISTER_SQL = """
 DELETE FROM relay.listeners WHERE pid NOT IN (SELECT pid FROM pg_stat_activity);
@@ -169,21 +171,32 @@ class Listener:
             await asyncio.sleep(self.busy_poll_seconds)
 
     async def _sleep(self, conn: asyncpg.Connection) -> None:
-        """The sleep handshake of sql/relay.sql, then wait for a NOTIFY (or the poll timer)."""
+        """The sleep handshake of sql/relay.sql, then sleep until a NOTIFY or new events.
+
+        While asleep only the safety poll (every ``poll_seconds``) touches the
+        database. The handshake waits for in-progress transactions at most
+        ``poll_seconds``: a long transaction elsewhere in the cluster then
+        costs at most one safety-poll interval of latency, never busy polling.
+        """
         await conn.execute(
             "UPDATE relay.listeners SET sleeping = true WHERE pid = pg_backend_pid()"
         )
+        loop = asyncio.get_running_loop()
         snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text")
-        # Writers that read sleeping = false are among these in-progress
-        # transactions: keep polling until every one of them has ended.
-        while await conn.fetchval(RUNNING_SQL, snapshot):
-            await self._drain(conn)
-            await asyncio.sleep(self.busy_poll_seconds)
-        self._wake.clear()
-        if not await self._drain(conn):
+        deadline = loop.time() + self.poll_seconds
+        # Writers that read sleeping = false are among these in-progress transactions.
+        while loop.time() < deadline and await conn.fetchval(RUNNING_SQL, snapshot):
+            if await self._drain(conn):
+                break
+            await asyncio.sleep(HANDSHAKE_POLL_SECONDS)
+        while True:
+            self._wake.clear()
+            if await self._drain(conn):
+                break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
-        self._wake.clear()
+            if self._wake.is_set():
+                break  # a NOTIFY (or a lost connection): poll busily again
         await conn.execute(
             "UPDATE relay.listeners SET sleeping = false WHERE pid = pg_backend_pid()"
         )

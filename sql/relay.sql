@@ -21,12 +21,13 @@
 --    polls the log every few milliseconds instead. Going to sleep is a
 --    handshake without locks: the listener sets sleeping = true, then keeps
 --    polling until every transaction that was running at that moment has
---    ended (pg_xact_status of its snapshot's in-progress xids), then polls
---    once more and only then waits for a NOTIFY. A writer that read
---    sleeping = false was running before the flag flipped, so the final poll
---    sees its events; a writer that read true sends the NOTIFY. The listener
---    also polls every second or so while asleep, so even a lost wake-up costs
---    latency, never an event: the log is the truth.
+--    ended (pg_xact_status of its snapshot's in-progress xids; for at most a
+--    second), then polls once more and only then waits for a NOTIFY. A writer
+--    that read sleeping = false was running before the flag flipped, so the
+--    final poll sees its events; a writer that read true sends the NOTIFY.
+--    The listener also polls once a second while asleep, so a writer still
+--    running when the handshake gave up, or a lost wake-up, costs latency,
+--    never an event: the log is the truth.
 -- 3. The relay calls relay.tick(), which records a snapshot. The events of
 --    tick N are those whose transaction is visible in tick N's snapshot and
 --    was not visible in tick N-1's. That orders events by the moment their
