@@ -46,7 +46,6 @@ DB_DOWN_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 # The listener reconnects from a blip within a fraction of a second; db-
 # subscribers hear of an outage only when it lasts longer than this.
 DB_OUTAGE_GRACE = 1.0
-REPLAY_CHUNK = 200
 
 
 @dataclass
