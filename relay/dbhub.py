@@ -26,7 +26,6 @@ from relay.protocol import CloseCode
 
 log = logging.getLogger("relay.db")
 
-TYPE_BY_OP = {"c": "db_created", "u": "db_updated", "d": "db_deleted"}
 # Live frames held for one resuming socket before it counts as a slow consumer:
 # at most this many, and at most its send queue's byte cap (or this default).
 MAX_HELD_FRAMES = 50_000

@@ -25,6 +25,7 @@ from aiohttp import web
 from relay import protocol
 from relay.auth import Identity
 from relay.broker.base import BrokerError
+from relay.limits import ERROR_BUDGET, ERROR_WINDOW, ErrorBudget, SocketLimits
 from relay.protocol import CloseCode
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class Socket:
         queue_limit: int,
         queue_bytes: int | None = None,
         transport: asyncio.Transport | None = None,
+        limits: SocketLimits | None = None,
     ) -> None:
         self.id = str(uuid.uuid4())
         self.app_id = app_id
@@ -55,6 +57,8 @@ class Socket:
         self.identity: Identity | None = None
         self.token: str | None = None
         self.channels: set[str] = set()
+        # What the relay meters on this socket (unmetered but for the error budget by default).
+        self.limits = limits or SocketLimits(None, ErrorBudget(ERROR_BUDGET, ERROR_WINDOW))
         self._queue: deque[str] = deque()
         self._queue_limit = queue_limit
         # Counted in characters of the queued JSON text (bytes, for ASCII).
@@ -174,12 +178,6 @@ class Socket:
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
             # The peer went away or we are shutting down: nothing left to write to.
             return
-
-    async def stop(self) -> None:
-        if self._writer is not None and not self._writer.done():
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
 
     async def flush_and_close(self, code: CloseCode, reason: str) -> None:
         self.close(code, reason)

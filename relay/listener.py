@@ -103,9 +103,6 @@ class Listener:
         if self._conn is not None and not self._conn.is_closed():
             self._conn.terminate()  # a cancelled query may still own the connection
 
-    def wake(self) -> None:
-        self._wake.set()
-
     def _on_notify(self, *_: object) -> None:
         self._wake.set()
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import orjson
 
-CLIENT_FIELDS = ("sid", "type", "data", "channel", "token")
 DB_CHANNEL_PREFIX = "db-"
 
 

@@ -24,9 +24,7 @@ from relay.config import Settings
 from relay.dbhub import DbHub, Position
 from relay.dbjoin import join_db
 from relay.hub import Hub, Socket
-from relay.limits import ERROR_BUDGET as ERROR_BUDGET
-from relay.limits import ERROR_WINDOW as ERROR_WINDOW
-from relay.limits import SocketLimits, socket_limits
+from relay.limits import socket_limits
 from relay.listener import Listener
 from relay.plans import App, AppDirectory, AppsUnavailable
 from relay.protocol import ClientFrame, CloseCode, InvalidToken, RelayError
@@ -60,7 +58,6 @@ class RelayState:
     listener: Listener | None = None
     apps: AppDirectory | None = None
     per_app: dict[str, int] = field(default_factory=dict)
-    limits: dict[str, SocketLimits] = field(default_factory=dict)
     db_outage: asyncio.TimerHandle | None = None  # an outage about to be announced
     db_announced: bool = False
 
@@ -215,12 +212,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         settings.send_queue_frames,
         queue_bytes=settings.send_queue_bytes,
         transport=request.transport,
-    )
-    limits = state.limits[socket.id] = socket_limits(
-        app.messages_per_second or settings.messages_per_second,
-        settings.message_burst_seconds,
-        settings.error_budget,
-        settings.error_window_seconds,
+        limits=socket_limits(
+            app.messages_per_second or settings.messages_per_second,
+            settings.message_burst_seconds,
+            settings.error_budget,
+            settings.error_window_seconds,
+        ),
     )
     state.per_app[app.id] = state.per_app.get(app.id, 0) + 1
     state.hub.add(socket)
@@ -242,8 +239,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 break
     finally:
         state.per_app[app.id] -= 1
-        sessions.forget(limits)
-        state.limits.pop(socket.id, None)
+        sessions.forget(socket)
         state.dbhub.unsubscribe_all(socket)
         try:
             await state.hub.remove(socket)
@@ -268,7 +264,7 @@ async def _handle(state: RelayState, app: App, socket: Socket, raw: str) -> None
     try:
         frame = protocol.parse_frame(raw, state.settings.max_frame_bytes)
         # Malformed frames are metered by the error budget; well-formed ones by rate.
-        state.limits[socket.id].check_rate()
+        socket.limits.check_rate()
         if frame.sid and frame.sid != socket.id:
             raise RelayError("sid does not match this socket: send your own socket id or none")
         handler = HANDLERS.get(frame.type)
@@ -305,8 +301,7 @@ def _report(
     channel = channel[: state.settings.max_channel_name]
     socket.reply("error", err.message, channel=channel)
     log.info("client error sid=%s channel=%s error=%s", socket.id, channel, err.message)
-    limits = state.limits.get(socket.id)
-    spent = blame and limits is not None and limits.budget.spend(time.monotonic())
+    spent = blame and socket.limits.budget.spend(time.monotonic())
     if err.close_code is not None or spent:
         code = err.close_code or CloseCode.ABUSE
         log.warning("closing abusive socket sid=%s code=%s", socket.id, int(code))
@@ -337,9 +332,8 @@ async def on_auth(state: RelayState, app: App, socket: Socket, frame: ClientFram
         for name in list(socket.channels):
             if protocol.is_db_channel(name):
                 state.dbhub.subscribe(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
-    limits = state.limits[socket.id]
-    sessions.arm(state.hub, state.dbhub, socket, limits)
-    rejoined = await sessions.resume(state.hub, state.dbhub, socket, limits)
+    sessions.arm(state.hub, state.dbhub, socket)
+    rejoined = await sessions.resume(state.hub, state.dbhub, socket)
     socket.reply("token", socket.token)
     for name in rejoined:  # channels paused when the previous session expired
         if protocol.is_db_channel(name):

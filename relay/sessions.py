@@ -18,7 +18,6 @@ from relay import protocol
 from relay.auth import Identity
 from relay.dbhub import DbHub
 from relay.hub import Hub, Socket
-from relay.limits import SocketLimits
 
 log = logging.getLogger("relay.ws")
 
@@ -27,8 +26,9 @@ SESSION_EXPIRED = (
 )
 
 
-def arm(hub: Hub, dbhub: DbHub, socket: Socket, limits: SocketLimits) -> None:
+def arm(hub: Hub, dbhub: DbHub, socket: Socket) -> None:
     """(Re)start the socket's one expiry timer for its current identity."""
+    limits = socket.limits
     ident = socket.identity
     if ident is None:
         limits.disarm()
@@ -36,19 +36,17 @@ def arm(hub: Hub, dbhub: DbHub, socket: Socket, limits: SocketLimits) -> None:
 
     def expired() -> None:
         limits.expiring = asyncio.create_task(
-            _suspend(hub, dbhub, socket, limits, ident), name=f"expire-{socket.id}"
+            _suspend(hub, dbhub, socket, ident), name=f"expire-{socket.id}"
         )
 
     limits.arm_expiry(ident.expires_at, expired)
 
 
-async def _suspend(
-    hub: Hub, dbhub: DbHub, socket: Socket, limits: SocketLimits, ident: Identity
-) -> None:
+async def _suspend(hub: Hub, dbhub: DbHub, socket: Socket, ident: Identity) -> None:
     if socket.closing or socket.identity is not ident:
         return  # gone, or renewed by an auth in the meantime
     names = sorted(socket.channels)
-    limits.suspended = names
+    socket.limits.suspended = names
     for name in names:
         if protocol.is_db_channel(name):
             dbhub.unsubscribe(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
@@ -59,8 +57,9 @@ async def _suspend(
             await hub.leave(socket, name)
 
 
-async def resume(hub: Hub, dbhub: DbHub, socket: Socket, limits: SocketLimits) -> list[str]:
+async def resume(hub: Hub, dbhub: DbHub, socket: Socket) -> list[str]:
     """After a successful auth: rejoin the channels paused by expiry; returns their names."""
+    limits = socket.limits
     task, limits.expiring = limits.expiring, None
     if task is not None and not task.done():
         with contextlib.suppress(Exception):
@@ -79,8 +78,9 @@ async def resume(hub: Hub, dbhub: DbHub, socket: Socket, limits: SocketLimits) -
     return names
 
 
-def forget(limits: SocketLimits) -> None:
+def forget(socket: Socket) -> None:
     """The socket is gone: stop its timer and any suspension in progress."""
+    limits = socket.limits
     limits.disarm()
     if limits.expiring is not None and not limits.expiring.done():
         limits.expiring.cancel()

@@ -22,8 +22,9 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
+from relay.limits import ERROR_BUDGET
 from relay.protocol import CloseCode
-from relay.server import ERROR_BUDGET, HARD_FRAME_LIMIT
+from relay.server import HARD_FRAME_LIMIT
 from tests.conftest import RelayHandle, WsClient, random_name
 
 MIB = 1024 * 1024
