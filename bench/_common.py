@@ -351,6 +351,26 @@ class RelayProcess:
             self.proc.join(5)
 
 
+async def create_notify_table(conn: Any, table: str, channel: str) -> None:
+    """The baseline: a repository-shaped table with the classic per-row trigger,
+    one NOTIFY per row with the row as its JSON payload (Supabase/pg_eventserv style)."""
+    from relay.repos import repo_table_sql
+
+    await conn.execute(repo_table_sql(table))
+    await conn.execute(
+        f"""
+        CREATE OR REPLACE FUNCTION bench_notify_row() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('{channel}', row_to_json(NEW)::text);
+            RETURN NULL;
+        END;
+        $$;
+        CREATE TRIGGER bench_notify AFTER INSERT OR UPDATE ON {table}
+            FOR EACH ROW EXECUTE FUNCTION bench_notify_row();
+        """
+    )
+
+
 def token(user: str, account: str, **kw: Any) -> str:
     from relay.auth import mint_token
 

@@ -46,6 +46,7 @@ from _common import (
     CpuMeter,
     Postgres,
     RelayProcess,
+    create_notify_table,
     embedded_pg,
     machine_header,
     percentile,
@@ -62,25 +63,6 @@ NOTIFY_TABLE = "lat_notify"
 NOTIFY_CHANNEL = "bench_rows"
 USER, ACCOUNT = "u1", "acct1"
 WARMUP_ROWS = 20
-
-NOTIFY_SETUP = f"""
-CREATE TABLE {NOTIFY_TABLE} (
-    id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    account_id  text,
-    owner_id    text,
-    created_at  timestamptz NOT NULL DEFAULT now(),
-    updated_at  timestamptz NOT NULL DEFAULT now(),
-    data        jsonb NOT NULL DEFAULT '{{}}'::jsonb
-);
-CREATE FUNCTION bench_notify_row() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('{NOTIFY_CHANNEL}', row_to_json(NEW)::text);
-    RETURN NULL;
-END;
-$$;
-CREATE TRIGGER bench_notify AFTER INSERT ON {NOTIFY_TABLE}
-    FOR EACH ROW EXECUTE FUNCTION bench_notify_row();
-"""
 
 INSERT_SQL = (
     "INSERT INTO {table} (account_id, owner_id, data)"
@@ -306,7 +288,7 @@ async def run(args: argparse.Namespace, pg: Postgres) -> int:
 
     admin = await asyncpg.connect(pg.url)
     await create_repo(admin, REPO)
-    await admin.execute(NOTIFY_SETUP)
+    await create_notify_table(admin, NOTIFY_TABLE, NOTIFY_CHANNEL)
     await admin.close()
     print(machine_header("relay commit-to-client latency", await pg_version(pg.url)))
     print(

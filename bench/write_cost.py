@@ -53,6 +53,7 @@ import asyncpg
 from _common import (
     CpuMeter,
     Postgres,
+    create_notify_table,
     embedded_pg,
     machine_header,
     pg_version,
@@ -63,28 +64,6 @@ from _common import (
 
 CONFIGS = ["unwatched", "notify", "notify+listen", "relay", "relay+listener", "relay-nonotify"]
 NOTIFY_CHANNEL = "bench_rows"
-
-TABLE_DDL = """
-CREATE TABLE {table} (
-    id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    account_id  text,
-    owner_id    text,
-    created_at  timestamptz NOT NULL DEFAULT now(),
-    updated_at  timestamptz NOT NULL DEFAULT now(),
-    data        jsonb NOT NULL DEFAULT '{{}}'::jsonb
-)"""
-
-# The classic per-row trigger: one NOTIFY per row, the row as its JSON payload.
-NOTIFY_TRIGGER = f"""
-CREATE FUNCTION bench_notify_row() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('{NOTIFY_CHANNEL}', row_to_json(NEW)::text);
-    RETURN NULL;
-END;
-$$;
-CREATE TRIGGER bench_notify AFTER INSERT OR UPDATE ON w_notify
-    FOR EACH ROW EXECUTE FUNCTION bench_notify_row();
-"""
 
 # One statement for every batch size: $3 rows, ten accounts, a distinct owner per row.
 INSERT_SQL = """
@@ -211,14 +190,13 @@ class Result:
 
 async def setup_tables(url: str, configs: list[str]) -> list[str]:
     """Create the tables each configuration writes to; return notes on anything skipped."""
-    from relay.repos import create_repo
+    from relay.repos import create_repo, repo_table_sql
 
     notes = []
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute(TABLE_DDL.format(table="w_plain"))
-        await conn.execute(TABLE_DDL.format(table="w_notify"))
-        await conn.execute(NOTIFY_TRIGGER)
+        await conn.execute(repo_table_sql("w_plain"))
+        await create_notify_table(conn, "w_notify", NOTIFY_CHANNEL)
         await create_repo(conn, "w_relay")
         if "relay-nonotify" in configs:
             await create_repo(conn, "w_relay_nonotify")

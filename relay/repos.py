@@ -38,21 +38,24 @@ class Repo:
     mode: str
 
 
+def repo_table_sql(table: str) -> str:
+    """CREATE TABLE for a repository with the standard columns (``table`` already quoted)."""
+    return f"""
+        CREATE TABLE IF NOT EXISTS {table} (
+            id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+            account_id  text,
+            owner_id    text,
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            updated_at  timestamptz NOT NULL DEFAULT now(),
+            data        jsonb NOT NULL DEFAULT '{{}}'::jsonb
+        )"""
+
+
 async def create_repo(conn: asyncpg.Connection, name: str) -> str:
     """Create a repository table with the standard columns, and watch it. Idempotent."""
     table = quote_table(name)
     async with conn.transaction():
-        await conn.execute(
-            f"""
-            CREATE TABLE IF NOT EXISTS {table} (
-                id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-                account_id  text,
-                owner_id    text,
-                created_at  timestamptz NOT NULL DEFAULT now(),
-                updated_at  timestamptz NOT NULL DEFAULT now(),
-                data        jsonb NOT NULL DEFAULT '{{}}'::jsonb
-            )"""
-        )
+        await conn.execute(repo_table_sql(table))
         repo: str = await conn.fetchval(
             "SELECT relay.watch($1::regclass, 'id', 'owner_id', 'account_id')", table
         )
