@@ -30,7 +30,8 @@ async def expect_n(c: WsClient, type_: str) -> int:
     return n
 
 
-async def test_expired_session_is_told_and_loses_its_subscriptions(relay, client, db, repo):
+async def expiring_member(relay, client, repo):
+    """Alice (session ending in 2 s) in a chat room with Bob and on a db- channel."""
     r = await relay()
     table = await repo("_760_")
     room = random_name()
@@ -41,6 +42,11 @@ async def test_expired_session_is_told_and_loses_its_subscriptions(relay, client
     await c.join(room)
     await c.join(f"db-{table}")
     await other.join(room)
+    return r, table, room, c, other
+
+
+async def test_expired_session_is_told_and_loses_its_subscriptions(relay, client, db, repo):
+    _, table, room, c, other = await expiring_member(relay, client, repo)
 
     error = await c.expect("error", timeout=EXPIRY_WAIT)
     assert "session expired" in error["data"] and error["sid"] == c.sid
@@ -59,16 +65,7 @@ async def test_expired_session_is_told_and_loses_its_subscriptions(relay, client
 
 
 async def test_fresh_auth_after_expiry_rejoins_the_paused_channels(relay, client, db, repo):
-    r = await relay()
-    table = await repo("_760_")
-    room = random_name()
-    c = await client(r)
-    other = await client(r)
-    await c.auth(r.token("alice", "1", ttl_seconds=2))
-    await other.auth(r.token("bob", "1"))
-    await c.join(room)
-    await c.join(f"db-{table}")
-    await other.join(room)
+    r, table, room, c, other = await expiring_member(relay, client, repo)
     assert "session expired" in (await c.expect("error", timeout=EXPIRY_WAIT))["data"]
 
     await c.send(type="auth", data=r.token("alice", "1"))
