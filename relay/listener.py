@@ -83,7 +83,9 @@ class Listener:
         self.busy_poll_seconds = busy_poll_seconds
         self.idle_after_seconds = idle_after_seconds
         self.last_tick: int | None = None
-        self._position: Position | None = None
+        # The last event dispatched, or the last tick dispatched whole: what a
+        # new subscriber follows, and where a replay must stop.
+        self.position = Position(0)
         self.connected = asyncio.Event()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -123,6 +125,7 @@ class Listener:
                 await conn.execute(REGISTER_SQL)
                 if self.last_tick is None:
                     self.last_tick = await conn.fetchval("SELECT relay.tick()")
+                    self.position = Position(self.last_tick)
                 else:
                     log.info("listener reconnected; catching up after tick %s", self.last_tick)
                 self.connected.set()
@@ -223,14 +226,14 @@ class Listener:
                 async for row in cursor:
                     dispatched += await self._dispatch(row, dispatched)
         self.last_tick = newest
-        self._position = Position(newest)
+        self.position = Position(newest)
         return dispatched
 
     async def _dispatch(self, row: Any, dispatched: int) -> int:
         event = event_from_record(row)
-        if self._position is not None and not self._position.before(event):
+        if not self.position.before(event):
             return 0  # dispatched already, before the connection broke mid-tick
-        self._position = Position(event.tick, event.seq)
+        self.position = Position(event.tick, event.seq)
         try:
             self.dbhub.dispatch(event)
         except Exception:
@@ -239,10 +242,3 @@ class Listener:
             # Let socket writers drain between slices of a big transaction.
             await asyncio.sleep(0)
         return 1
-
-    @property
-    def position(self) -> Position:
-        """The last event dispatched (or tick fully dispatched): what a new subscriber follows."""
-        if self._position is None or self._position.tick < (self.last_tick or 0):
-            return Position(self.last_tick or 0)
-        return self._position
