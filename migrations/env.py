@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool, text
 
-from relay.db import sqlalchemy_url
+from relay.db import read_sql, sqlalchemy_url
 from relay.schema import SCHEMA, metadata
 
 config = context.config
@@ -27,4 +27,8 @@ with engine.connect() as connection:
         # Several relay processes may start at once: one migrates, the others wait.
         connection.execute(text("SELECT pg_advisory_xact_lock(hashtext('relay.migrate'))"))
         context.run_migrations()
+        # The functions are not frozen in migrations: every migrate brings them
+        # (and the capture functions of every watched table) to this release.
+        # Straight to psycopg with no parameters, so the SQL's % signs stay as written.
+        connection.connection.driver_connection.execute(read_sql("relay.sql"))
 engine.dispose()

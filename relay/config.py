@@ -48,6 +48,9 @@ class Settings:
     # slow consumer and is closed with code 4001.
     send_queue_frames: int = 1000
     send_queue_bytes: int = 16 * 1024 * 1024
+    # A resuming client that reads nothing of its replay for this long is cut
+    # off as a slow consumer (0: never), so it cannot hold the replay open.
+    replay_stall_seconds: float = 30.0
     # Frames a socket may send per second (0: unmetered), unless its app's plan
     # says otherwise; bursts of up to rate x burst seconds pass.
     messages_per_second: float = 100.0
@@ -105,6 +108,9 @@ class Settings:
             env, "RELAY_SEND_QUEUE_FRAMES", settings.send_queue_frames
         )
         settings.send_queue_bytes = _int(env, "RELAY_SEND_QUEUE_BYTES", settings.send_queue_bytes)
+        settings.replay_stall_seconds = _float(
+            env, "RELAY_REPLAY_STALL_SECONDS", settings.replay_stall_seconds
+        )
         return settings
 
     @property

@@ -25,7 +25,13 @@ def _resource_dir(name: str) -> Path:
 
 
 def read_sql(filename: str) -> str:
+    """A file of ``sql/``: the current event plumbing, re-applied by every migrate."""
     return (_resource_dir("sql") / filename).read_text()
+
+
+def read_migration_sql(filename: str) -> str:
+    """A file of ``migrations/sql/``: SQL that one frozen migration ran, kept as it was."""
+    return (_resource_dir("migrations") / "sql" / filename).read_text()
 
 
 def sqlalchemy_url(url: str) -> str:

@@ -204,26 +204,24 @@ class DbHub:
             s.close(CloseCode.SLOW_CONSUMER, "slow consumer: could not catch up")
             self.unsubscribe(s, subs.repo)
 
-    def replay_chunk(
-        self, socket: Socket, repo: str, events: Iterable[Event], after: Position
-    ) -> int:
-        """Send a catching-up socket the events it missed (after ``after``) and may read."""
+    def replay_event(self, socket: Socket, repo: str, event: Event) -> int | None:
+        """Send a catching-up socket one event from the log, if it may read it.
+
+        Returns the frames sent, or None when the socket is no longer catching
+        up on ``repo`` (it left, re-joined or was cut off): the replay stops.
+        """
         subs = self.repos.get(repo)
         ident = socket.identity
         if subs is None or socket not in subs.catching_up or ident is None:
-            return 0
+            return None
         channel = protocol.DB_CHANNEL_PREFIX + repo
-        sent = 0
-        for event in events:
-            if event.repo != repo or not after.before(event):
-                continue
-            for type_, data in audience_of(subs.mode, ident, event):
-                socket.send(protocol.encode(socket.id, type_, data, channel, pos=event.pos))
-                sent += 1
-        return sent
+        frames = audience_of(subs.mode, ident, event)
+        for type_, data in frames:
+            socket.send(protocol.encode(socket.id, type_, data, channel, pos=event.pos))
+        return len(frames)
 
-    def release_some(self, socket: Socket, repo: str, max_frames: int) -> bool:
-        """Send up to ``max_frames`` of what was held back during a replay.
+    def release_some(self, socket: Socket, repo: str) -> bool:
+        """Send what was held back during a replay while the socket has room.
 
         Returns True once nothing is held any more: the socket is then live.
         Called repeatedly with flow control in between, so a subscriber whose
@@ -233,7 +231,7 @@ class DbHub:
         held = subs.catching_up.get(socket) if subs is not None else None
         if subs is None or held is None:
             return True
-        for _ in range(min(max_frames, len(held.frames))):
+        while held.frames and socket.has_room and not socket.closing:
             socket.send(held.pop())
         if held.frames:
             return False

@@ -104,20 +104,32 @@ class Socket:
         return self._queue_bytes
 
     @property
-    def batch_size(self) -> int:
-        """How many frames a bulk sender may queue after :meth:`wait_writable`."""
-        return max(1, self._queue_limit // 2)
-
-    def _half_full(self) -> bool:
+    def has_room(self) -> bool:
+        """True while the queue is at most half full, in frames and in bytes."""
         if len(self._queue) > self._queue_limit // 2:
-            return True
-        return self._queue_bytes is not None and self._queued_bytes > self._queue_bytes // 2
+            return False
+        return self._queue_bytes is None or self._queued_bytes <= self._queue_bytes // 2
 
-    async def wait_writable(self) -> None:
-        """Wait until the queue is at most half full (flow control for bulk sends)."""
-        while self._half_full() and self._closing is None:
+    async def wait_writable(self, stall_seconds: float | None = None) -> bool:
+        """Wait until the queue is at most half full (flow control for bulk sends).
+
+        Returns False, at once, when the socket is closing or its connection is
+        gone. A peer that has not read enough to free the room within
+        ``stall_seconds`` is closed as a slow consumer (False as well).
+        """
+        while not self.has_room and self._closing is None:
             self._drained.clear()
-            await self._drained.wait()
+            try:
+                await asyncio.wait_for(self._drained.wait(), stall_seconds)
+            except TimeoutError:
+                log.warning(
+                    "slow consumer closed sid=%s reason=stalled seconds=%s queued=%d",
+                    self.id,
+                    stall_seconds,
+                    len(self._queue),
+                )
+                self.close(CloseCode.SLOW_CONSUMER, "slow consumer: stopped reading")
+        return self._closing is None
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Close after the frames already queued (a slow consumer's are dropped)."""
@@ -177,7 +189,16 @@ class Socket:
                     return
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
             # The peer went away or we are shutting down: nothing left to write to.
-            return
+            self._lost()
+
+    def _lost(self) -> None:
+        """The connection is gone: drop what is queued and end every wait on this socket."""
+        if self._closing is None:
+            self._closing = CloseCode.GOING_AWAY
+            self._close_reason = "connection lost"
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._drained.set()
 
     async def flush_and_close(self, code: CloseCode, reason: str) -> None:
         self.close(code, reason)

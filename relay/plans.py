@@ -23,6 +23,7 @@ from typing import Final, Literal
 
 import asyncpg
 
+from relay.pool import Database
 from relay.schema import DEFAULT_APP, DEFAULT_PLAN
 
 CACHE_SECONDS = 5.0
@@ -66,7 +67,7 @@ class App:
 
 
 class AppDirectory:
-    def __init__(self, pool: asyncpg.Pool, default_max_connections: int | None) -> None:
+    def __init__(self, pool: Database, default_max_connections: int | None) -> None:
         self._pool = pool
         self._default_cap = default_max_connections
         self._cache: dict[str, tuple[float, App | None]] = {}

@@ -27,6 +27,7 @@ from relay.hub import Hub, Socket
 from relay.limits import socket_limits
 from relay.listener import Listener
 from relay.plans import App, AppDirectory, AppsUnavailable
+from relay.pool import Database
 from relay.protocol import ClientFrame, CloseCode, InvalidToken, RelayError
 
 log = logging.getLogger("relay.ws")
@@ -44,6 +45,8 @@ DB_DOWN_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 # The listener reconnects from a blip within a fraction of a second; db-
 # subscribers hear of an outage only when it lasts longer than this.
 DB_OUTAGE_GRACE = 1.0
+# Pruning a large log may take longer than an ordinary query.
+PRUNE_TIMEOUT = 300.0
 
 
 @dataclass
@@ -54,7 +57,7 @@ class RelayState:
     hub: Hub = field(init=False)
     dbhub: DbHub = field(default_factory=DbHub)
     broker: Broker = field(init=False)
-    pool: asyncpg.Pool | None = None
+    db: Database | None = None
     listener: Listener | None = None
     apps: AppDirectory | None = None
     per_app: dict[str, int] = field(default_factory=dict)
@@ -115,8 +118,8 @@ def create_app(settings: Settings, database_url: str, jwt_secret: str | None) ->
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    state.pool = await asyncpg.create_pool(state.database_url, min_size=1, max_size=10)
-    state.apps = AppDirectory(state.pool, state.settings.max_connections)
+    state.db = await Database.connect(state.database_url)
+    state.apps = AppDirectory(state.db, state.settings.max_connections)
     await state.broker.start()
     state.listener = Listener(
         state.database_url,
@@ -136,22 +139,24 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if state.db_outage is not None:
         state.db_outage.cancel()
     await state.broker.close()
-    await state.pool.close()
+    await state.db.close()
 
 
 async def _prune_forever(state: RelayState) -> None:
     """Keep the event log within its retention window (age and size)."""
-    assert state.pool is not None
+    assert state.db is not None
     settings = state.settings
     while True:
         await asyncio.sleep(settings.prune_seconds)
         try:
-            removed = await state.pool.fetchval(
-                "SELECT relay.prune(make_interval(secs => $1), $2)",
-                float(settings.event_retention_seconds),
-                settings.event_retention_rows,
-            )
-        except (asyncpg.PostgresError, OSError) as err:
+            async with state.db.acquire() as conn:
+                removed = await conn.fetchval(
+                    "SELECT relay.prune(make_interval(secs => $1), $2)",
+                    float(settings.event_retention_seconds),
+                    settings.event_retention_rows,
+                    timeout=PRUNE_TIMEOUT,
+                )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as err:
             log.warning("event log prune failed error=%s", type(err).__name__)
             continue
         if removed:
@@ -163,11 +168,21 @@ async def _close_sockets(app: web.Application) -> None:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: 200 while the process serves; 503 when its pool is wedged (restart it)."""
     state = request.app[STATE]
     listening = state.listener is not None and state.listener.connected.is_set()
-    return web.json_response(
-        {"status": "ok", "sockets": len(state.hub.sockets), "listener": listening}
-    )
+    body: dict[str, object] = {
+        "status": "ok",
+        "sockets": len(state.hub.sockets),
+        "listener": listening,
+    }
+    if state.db is not None:
+        body["pool"] = state.db.stats()
+        if state.db.wedged:
+            body["status"] = "wedged"
+            log.error("health check failed reason=pool-wedged pool=%s", body["pool"])
+            return web.json_response(body, status=503)
+    return web.json_response(body)
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
@@ -368,15 +383,16 @@ async def on_join(state: RelayState, app: App, socket: Socket, frame: ClientFram
 
 
 async def _join_db(state: RelayState, socket: Socket, frame: ClientFrame, name: str) -> None:
-    assert state.pool is not None and state.listener is not None
+    assert state.db is not None and state.listener is not None
     await join_db(
-        state.pool,
+        state.db,
         state.listener,
         state.dbhub,
         socket,
         name,
         frame.get("after"),
         admit=lambda: _require_auth(socket, frame),
+        stall_seconds=state.settings.replay_stall_seconds or None,
     )
 
 

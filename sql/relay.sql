@@ -1,8 +1,9 @@
--- relay's event plumbing, as plain SQL a DBA can read and apply with psql:
+-- relay's event plumbing: the functions, as plain SQL a DBA can read and
+-- re-apply with psql on a migrated database (every statement is idempotent):
 --
 --     psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f sql/relay.sql
 --
--- (relay applies it itself on start through its alembic migrations.)
+-- (relay applies it itself after its alembic migrations, on every migrate.)
 -- Everything lives in the schema "relay"; application tables are only touched
 -- by relay.watch(), which adds three statement-level triggers, and by
 -- relay.unwatch(), which removes them again.
@@ -41,55 +42,12 @@
 --
 -- An event's position is (tick, seq); clients see it as the string "tick-seq".
 
-CREATE SCHEMA IF NOT EXISTS relay;
-
--- Tables whose changes are captured. "repo" is the name clients use in
--- "db-<repo>" (the table's own name); "mode" is the permission suffix, e.g. '760'.
-CREATE TABLE IF NOT EXISTS relay.watched (
-    repo            text PRIMARY KEY,
-    table_oid       regclass NOT NULL UNIQUE,
-    id_column       text NOT NULL,
-    owner_column    text,
-    account_column  text,
-    mode            text NOT NULL CHECK (mode ~ '^[0-7]{3}$'),
-    capture_function text NOT NULL,
-    watched_at      timestamptz NOT NULL DEFAULT now()
-);
-
--- The durable event log. "data" is the full new row (NULL for deletes);
--- owner/account are the new row's (the old row's for deletes) and old_* the
--- old row's on updates, so the relay can tell who gains or loses sight of it.
-CREATE TABLE IF NOT EXISTS relay.events (
-    seq             bigint GENERATED ALWAYS AS IDENTITY,
-    xid             xid8 NOT NULL,
-    repo            text NOT NULL,
-    op              "char" NOT NULL CHECK (op IN ('c', 'u', 'd')),
-    row_id          json,
-    owner_id        text,
-    account_id      text,
-    old_owner_id    text,
-    old_account_id  text,
-    data            json
-);
-CREATE INDEX IF NOT EXISTS events_xid ON relay.events (xid);
--- seq only grows, so a BRIN index is tiny and nearly free to maintain.
-CREATE INDEX IF NOT EXISTS events_seq ON relay.events USING brin (seq);
-
--- One row per relay listener connection (by backend pid): asleep or polling.
-CREATE TABLE IF NOT EXISTS relay.listeners (
-    pid         integer PRIMARY KEY,
-    sleeping    boolean NOT NULL DEFAULT false,
-    since       timestamptz NOT NULL DEFAULT now()
-);
-
--- Consecutive snapshots that cut the log into commit-ordered batches.
-CREATE TABLE IF NOT EXISTS relay.ticks (
-    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    snapshot    pg_snapshot NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT now()
-);
-INSERT INTO relay.ticks (snapshot)
-SELECT pg_current_snapshot() WHERE NOT EXISTS (SELECT 1 FROM relay.ticks);
+-- The tables (relay.watched, relay.events, relay.listeners, relay.ticks, and
+-- the apps and plans) are created and changed only by relay's numbered
+-- migrations (migrations/), each frozen once released; `relay migrate` runs
+-- them and then applies this file, so every function below is in force at
+-- its newest version after every upgrade. To review the SQL before it runs:
+-- `alembic -x url=... upgrade head --sql` prints the migrations' statements.
 
 -- Record a new tick if anything was committed since the last one; return the
 -- newest tick id either way. Ticks are serialized by an advisory lock so that
@@ -155,6 +113,69 @@ AS $$
      AND NOT pg_visible_in_snapshot(e.xid, t.prev)
     WHERE t.id > after_tick AND t.prev IS NOT NULL
     ORDER BY t.id, e.seq
+$$;
+
+-- One page of a replay: the events of repository "only_repo" after position
+-- (after_tick, after_seq) up to tick upto_tick, in order, at most max_rows.
+-- after_seq NULL means after the whole of after_tick. A replay calls this
+-- page after page, each time from the last event it got, and holds no
+-- transaction in between. A page that would start in ticks pruned meanwhile
+-- raises instead of silently skipping them.
+CREATE OR REPLACE FUNCTION relay.events_page(
+    after_tick bigint, after_seq bigint, upto_tick bigint, max_rows integer, only_repo text
+)
+RETURNS TABLE (
+    tick bigint, seq bigint, repo text, op text, row_id text,
+    owner_id text, account_id text, old_owner_id text, old_account_id text, data text
+)
+LANGUAGE plpgsql STABLE
+-- One plan per tick query would cost more than the query: the inner query is
+-- a range scan on events_xid whatever the values, so its generic plan is kept.
+SET enable_seqscan = off
+AS $$
+DECLARE
+    t record;
+    wanted integer := max_rows;
+    got integer;
+BEGIN
+    -- The tick holding after_seq (or the one just before the first wanted
+    -- tick) must still be there as the lower edge of what follows.
+    IF NOT EXISTS (
+        SELECT 1 FROM relay.ticks k
+        WHERE k.id <= after_tick - CASE WHEN after_seq IS NULL THEN 0 ELSE 1 END
+    ) THEN
+        RAISE EXCEPTION 'relay: position %-% is older than the event log keeps',
+            after_tick, after_seq USING ERRCODE = 'RL001';
+    END IF;
+    FOR t IN
+        SELECT w.id, w.snapshot, w.prev FROM (
+            SELECT k.id, k.snapshot, lag(k.snapshot) OVER (ORDER BY k.id) AS prev
+            FROM relay.ticks k
+            WHERE k.id >= coalesce((SELECT max(k2.id) FROM relay.ticks k2
+                                    WHERE k2.id < after_tick), 0)
+              AND k.id <= upto_tick
+        ) w
+        WHERE w.prev IS NOT NULL
+          AND (w.id > after_tick OR (w.id = after_tick AND after_seq IS NOT NULL))
+        ORDER BY w.id
+    LOOP
+        RETURN QUERY
+            SELECT t.id, e.seq, e.repo, e.op::text, e.row_id::text,
+                   e.owner_id, e.account_id, e.old_owner_id, e.old_account_id, e.data::text
+            FROM relay.events e
+            WHERE e.xid >= pg_snapshot_xmin(t.prev)
+              AND e.xid < pg_snapshot_xmax(t.snapshot)
+              AND pg_visible_in_snapshot(e.xid, t.snapshot)
+              AND NOT pg_visible_in_snapshot(e.xid, t.prev)
+              AND e.repo = only_repo
+              AND (t.id > after_tick OR e.seq > after_seq)
+            ORDER BY e.seq
+            LIMIT wanted;
+        GET DIAGNOSTICS got = ROW_COUNT;
+        wanted := wanted - got;
+        EXIT WHEN wanted <= 0;
+    END LOOP;
+END;
 $$;
 
 -- One listener round trip: tick, then the events of the new ticks (at most

@@ -103,9 +103,9 @@ def test_catching_up_holds_live_frames_until_release(hub) -> None:
     h.subscribe(late, "tasks_760_", catching_up=True)
     h.dispatch(event("c", owner="A", account="1", seq=20))
     assert sent(late) == []  # held back
-    missed = [event("c", owner="A", account="1", seq=n) for n in (3, 4)]
-    h.replay_chunk(late, "tasks_760_", missed, Position(5, 3))
-    assert h.release_some(late, "tasks_760_", 10)
+    assert h.replay_event(late, "tasks_760_", event("c", owner="A", account="1", seq=4)) == 1
+    assert h.replay_event(late, "tasks_760_", event("c", owner="B", account="2", seq=5)) == 0
+    assert h.release_some(late, "tasks_760_")
     assert [f["pos"] for f in sent(late)] == ["5-4", "5-20"]
     h.dispatch(event("c", owner="A", account="1", seq=21))
     assert [f["pos"] for f in sent(late)] == ["5-21"]  # live now
@@ -113,15 +113,28 @@ def test_catching_up_holds_live_frames_until_release(hub) -> None:
 
 def test_release_in_steps_keeps_order(hub) -> None:
     h, _ = hub
-    late = make_socket("A", "1")
+    late = Socket(None, "default", queue_limit=4)  # type: ignore[arg-type]
+    late.identity = Identity("A", "1")
     h.subscribe(late, "tasks_760_", catching_up=True)
     for n in range(1, 6):
         h.dispatch(event("c", owner="A", account="1", seq=n))
-    assert not h.release_some(late, "tasks_760_", 2)
+    assert not h.release_some(late, "tasks_760_")  # stops once the queue is over half full
+    assert len(late._queue) == 3
+    released = sent(late)
     h.dispatch(event("c", owner="A", account="1", seq=6))  # still held, behind the rest
-    while not h.release_some(late, "tasks_760_", 2):
-        pass
-    assert [f["pos"] for f in sent(late)] == [f"5-{n}" for n in range(1, 7)]
+    while not h.release_some(late, "tasks_760_"):
+        released += sent(late)
+    released += sent(late)
+    assert [f["pos"] for f in released] == [f"5-{n}" for n in range(1, 7)]
+
+
+def test_replay_stops_for_a_socket_no_longer_catching_up(hub) -> None:
+    h, _ = hub
+    late = make_socket("A", "1")
+    h.subscribe(late, "tasks_760_", catching_up=True)
+    h.unsubscribe(late, "tasks_760_")
+    assert h.replay_event(late, "tasks_760_", event("c", owner="A", account="1")) is None
+    assert sent(late) == []
 
 
 @pytest.mark.parametrize(

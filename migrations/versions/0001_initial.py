@@ -1,4 +1,4 @@
-"""The relay schema: event plumbing from sql/relay.sql, plus plans and apps.
+"""The relay schema: event plumbing (migrations/sql/0001_relay.sql), plus plans and apps.
 
 Revision ID: 0001
 Revises:
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from relay.db import read_sql
+from relay.db import read_migration_sql
 
 revision = "0001"
 down_revision = None
@@ -20,7 +20,7 @@ depends_on = None
 
 def upgrade() -> None:
     # Straight to psycopg with no parameters, so the SQL's % signs stay as written.
-    op.get_bind().connection.driver_connection.execute(read_sql("relay.sql"))
+    op.get_bind().connection.driver_connection.execute(read_migration_sql("0001_relay.sql"))
     op.create_table(
         "plans",
         sa.Column("name", sa.Text, primary_key=True),

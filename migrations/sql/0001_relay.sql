@@ -1,0 +1,354 @@
+-- relay's event plumbing, as plain SQL a DBA can read and apply with psql:
+--
+--     psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f sql/relay.sql
+--
+-- (relay applies it itself on start through its alembic migrations.)
+-- Everything lives in the schema "relay"; application tables are only touched
+-- by relay.watch(), which adds three statement-level triggers, and by
+-- relay.unwatch(), which removes them again.
+--
+-- How a change travels
+-- --------------------
+-- 1. A statement on a watched table fires a statement-level trigger that sees
+--    every changed row at once through its transition tables, and appends one
+--    row per change to relay.events in the same transaction. A rolled-back
+--    change leaves nothing; a committed one always leaves its event, whatever
+--    its size (the row travels in the table, never in a NOTIFY payload).
+-- 2. Wake-ups. A NOTIFY makes PostgreSQL serialize every notifying commit,
+--    disk flush included, behind one cluster-wide lock, which halves the
+--    write rate of small transactions. So writers notify only while some
+--    relay listener is asleep (relay.listeners.sleeping). A busy listener
+--    polls the log every few milliseconds instead. Going to sleep is a
+--    handshake without locks: the listener sets sleeping = true, then keeps
+--    polling until every transaction that was running at that moment has
+--    ended (pg_xact_status of its snapshot's in-progress xids; for at most a
+--    second), then polls once more and only then waits for a NOTIFY. A writer
+--    that read sleeping = false was running before the flag flipped, so the
+--    final poll sees its events; a writer that read true sends the NOTIFY.
+--    The listener also polls once a second while asleep, so a writer still
+--    running when the handshake gave up, or a lost wake-up, costs latency,
+--    never an event: the log is the truth.
+-- 3. The relay calls relay.tick(), which records a snapshot. The events of
+--    tick N are those whose transaction is visible in tick N's snapshot and
+--    was not visible in tick N-1's. That orders events by the moment their
+--    transaction became visible (commit order), not by sequence number: a
+--    transaction that took its sequence numbers early but committed late
+--    lands in a later tick. This is the PgQ design; writers never wait on a
+--    lock of ours.
+-- 4. Within a tick, events are ordered by seq. Two transactions that touch
+--    the same row are ordered correctly by seq too: the second one waited for
+--    the first one's row lock, so it wrote its events after the first committed.
+--
+-- An event's position is (tick, seq); clients see it as the string "tick-seq".
+
+CREATE SCHEMA IF NOT EXISTS relay;
+
+-- Tables whose changes are captured. "repo" is the name clients use in
+-- "db-<repo>" (the table's own name); "mode" is the permission suffix, e.g. '760'.
+CREATE TABLE IF NOT EXISTS relay.watched (
+    repo            text PRIMARY KEY,
+    table_oid       regclass NOT NULL UNIQUE,
+    id_column       text NOT NULL,
+    owner_column    text,
+    account_column  text,
+    mode            text NOT NULL CHECK (mode ~ '^[0-7]{3}$'),
+    capture_function text NOT NULL,
+    watched_at      timestamptz NOT NULL DEFAULT now()
+);
+
+-- The durable event log. "data" is the full new row (NULL for deletes);
+-- owner/account are the new row's (the old row's for deletes) and old_* the
+-- old row's on updates, so the relay can tell who gains or loses sight of it.
+CREATE TABLE IF NOT EXISTS relay.events (
+    seq             bigint GENERATED ALWAYS AS IDENTITY,
+    xid             xid8 NOT NULL,
+    repo            text NOT NULL,
+    op              "char" NOT NULL CHECK (op IN ('c', 'u', 'd')),
+    row_id          json,
+    owner_id        text,
+    account_id      text,
+    old_owner_id    text,
+    old_account_id  text,
+    data            json
+);
+CREATE INDEX IF NOT EXISTS events_xid ON relay.events (xid);
+-- seq only grows, so a BRIN index is tiny and nearly free to maintain.
+CREATE INDEX IF NOT EXISTS events_seq ON relay.events USING brin (seq);
+
+-- One row per relay listener connection (by backend pid): asleep or polling.
+CREATE TABLE IF NOT EXISTS relay.listeners (
+    pid         integer PRIMARY KEY,
+    sleeping    boolean NOT NULL DEFAULT false,
+    since       timestamptz NOT NULL DEFAULT now()
+);
+
+-- Consecutive snapshots that cut the log into commit-ordered batches.
+CREATE TABLE IF NOT EXISTS relay.ticks (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    snapshot    pg_snapshot NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO relay.ticks (snapshot)
+SELECT pg_current_snapshot() WHERE NOT EXISTS (SELECT 1 FROM relay.ticks);
+
+-- Record a new tick if anything was committed since the last one; return the
+-- newest tick id either way. Ticks are serialized by an advisory lock so that
+-- each snapshot contains the one before it, whichever relay process ticks.
+CREATE OR REPLACE FUNCTION relay.tick() RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+-- The best plan depends on the snapshot values: a generic plan would scan the
+-- whole log. Plan each call with its actual values (microseconds to plan), and
+-- never by scanning the log: on a fast-growing log the statistics lag behind,
+-- and a sequential scan "that stops at the first match" reads it all.
+SET plan_cache_mode = force_custom_plan
+SET enable_seqscan = off
+AS $$
+DECLARE
+    last_id   bigint;
+    last_snap pg_snapshot;
+    snap      pg_snapshot;
+    new_id    bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('relay.tick'));
+    SELECT id, snapshot INTO last_id, last_snap FROM relay.ticks ORDER BY id DESC LIMIT 1;
+    -- A statement after the lock: a VOLATILE function takes a fresh snapshot
+    -- per statement, so this one sees every tick committed before ours.
+    snap := pg_current_snapshot();
+    IF last_id IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM relay.events e
+        WHERE e.xid >= pg_snapshot_xmin(last_snap)
+          AND pg_visible_in_snapshot(e.xid, snap)
+          AND NOT pg_visible_in_snapshot(e.xid, last_snap)
+    ) THEN
+        RETURN last_id;
+    END IF;
+    INSERT INTO relay.ticks (snapshot) VALUES (snap) RETURNING id INTO new_id;
+    RETURN new_id;
+END;
+$$;
+
+-- The events of ticks after_tick+1 .. upto_tick, in order, with their tick.
+CREATE OR REPLACE FUNCTION relay.events_between(after_tick bigint, upto_tick bigint)
+RETURNS TABLE (
+    tick bigint, seq bigint, repo text, op text, row_id text,
+    owner_id text, account_id text, old_owner_id text, old_account_id text, data text
+)
+LANGUAGE sql STABLE
+SET plan_cache_mode = force_custom_plan
+SET enable_seqscan = off
+AS $$
+    SELECT t.id, e.seq, e.repo, e.op::text, e.row_id::text,
+           e.owner_id, e.account_id, e.old_owner_id, e.old_account_id, e.data::text
+    FROM (
+        SELECT id, snapshot, lag(snapshot) OVER (ORDER BY id) AS prev
+        FROM relay.ticks
+        -- Start at the newest tick at or before after_tick, not at after_tick
+        -- itself: tick ids can have gaps (a rolled-back tick, a crash), and
+        -- each tick needs its real predecessor as its lower edge.
+        WHERE id >= coalesce((SELECT max(id) FROM relay.ticks WHERE id <= after_tick), 0)
+          AND id <= upto_tick
+    ) t
+    JOIN relay.events e
+      ON e.xid >= pg_snapshot_xmin(t.prev)
+     AND e.xid < pg_snapshot_xmax(t.snapshot)
+     AND pg_visible_in_snapshot(e.xid, t.snapshot)
+     AND NOT pg_visible_in_snapshot(e.xid, t.prev)
+    WHERE t.id > after_tick AND t.prev IS NOT NULL
+    ORDER BY t.id, e.seq
+$$;
+
+-- One listener round trip: tick, then the events of the new ticks (at most
+-- max_rows of them; the caller streams the rest with events_between). Every
+-- row carries the newest tick in "upto"; with no new events a single row with
+-- only "upto" set is returned.
+CREATE OR REPLACE FUNCTION relay.poll(after_tick bigint, max_rows integer)
+RETURNS TABLE (
+    upto bigint, tick bigint, seq bigint, repo text, op text, row_id text,
+    owner_id text, account_id text, old_owner_id text, old_account_id text, data text
+)
+LANGUAGE plpgsql VOLATILE
+SET plan_cache_mode = force_custom_plan
+SET enable_seqscan = off
+AS $$
+DECLARE
+    newest bigint := relay.tick();
+BEGIN
+    IF newest > after_tick THEN
+        RETURN QUERY
+            SELECT newest, ev.* FROM relay.events_between(after_tick, newest) ev LIMIT max_rows;
+        IF FOUND THEN
+            RETURN;
+        END IF;
+    END IF;
+    RETURN QUERY SELECT newest, NULL::bigint, NULL::bigint, NULL::text, NULL::text, NULL::text,
+                        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text;
+END;
+$$;
+
+-- Drop the log outside the retention window: events older than "keep", and
+-- beyond the newest "max_rows" events (NULL: no size cap). Positions in ticks
+-- older than the oldest kept tick can no longer be resumed from; clients get
+-- a "reload" error instead of silently missing events. Only a DELETE of rows
+-- no writer can still touch, so writers never wait; concurrent prunes (from
+-- several relay processes) skip instead of queueing.
+CREATE OR REPLACE FUNCTION relay.prune(keep interval, max_rows bigint DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    boundary_id   bigint;
+    by_size_id    bigint;
+    boundary_snap pg_snapshot;
+    oldest_kept   xid8;
+    removed       bigint;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(hashtext('relay.prune')) THEN
+        RETURN 0;
+    END IF;
+    SELECT max(id) INTO boundary_id FROM relay.ticks WHERE created_at <= now() - keep;
+    IF max_rows IS NOT NULL THEN
+        SELECT min(e.xid) INTO oldest_kept FROM relay.events e
+        WHERE e.seq > (SELECT max(seq) FROM relay.events) - max_rows;
+        IF oldest_kept IS NOT NULL THEN
+            SELECT max(id) INTO by_size_id FROM relay.ticks
+            WHERE pg_snapshot_xmin(snapshot) <= oldest_kept;
+            boundary_id := greatest(boundary_id, by_size_id);
+        END IF;
+    END IF;
+    IF boundary_id IS NULL THEN
+        RETURN 0;
+    END IF;
+    SELECT snapshot INTO boundary_snap FROM relay.ticks WHERE id = boundary_id;
+    -- Every event older than the boundary snapshot's xmin belongs to a tick
+    -- at or before the boundary; the boundary tick itself stays as the lower
+    -- edge of the next one.
+    DELETE FROM relay.events WHERE xid < pg_snapshot_xmin(boundary_snap);
+    GET DIAGNOSTICS removed = ROW_COUNT;
+    DELETE FROM relay.ticks WHERE id < boundary_id;
+    RETURN removed;
+END;
+$$;
+
+-- Start capturing changes of a table. Idempotent: watching again replaces
+-- the triggers (for instance with other columns). The repository name is the
+-- table's name; its permission suffix _OGE_ (default 740) sets who may read.
+CREATE OR REPLACE FUNCTION relay.watch(
+    tbl regclass,
+    id_column text DEFAULT 'id',
+    owner_column text DEFAULT NULL,
+    account_column text DEFAULT NULL
+) RETURNS text
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    tbl_name text;
+    repo_mode text;
+    fn text;
+    owner_expr text;
+    account_expr text;
+    old_owner_expr text;
+    old_account_expr text;
+BEGIN
+    SELECT c.relname INTO tbl_name FROM pg_class c WHERE c.oid = tbl;
+    IF EXISTS (SELECT 1 FROM relay.watched w WHERE w.repo = tbl_name AND w.table_oid <> tbl) THEN
+        RAISE EXCEPTION 'another table named % is already watched: repositories are named '
+                        'by table name, so unwatch it first', tbl_name;
+    END IF;
+    repo_mode := coalesce(substring(tbl_name from '_([0-7]{3})_$'), '740');
+    PERFORM 1 FROM pg_attribute
+     WHERE attrelid = tbl AND attname = id_column AND attnum > 0 AND NOT attisdropped;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table % has no column %', tbl, id_column;
+    END IF;
+    -- Updates pair old and new rows by id, so the id must identify one row.
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_index i JOIN pg_attribute a
+          ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+        WHERE i.indrelid = tbl AND i.indisunique AND i.indnkeyatts = 1
+          AND i.indpred IS NULL AND a.attname = id_column
+    ) THEN
+        RAISE EXCEPTION 'column % of % is not unique: the id column needs a primary key '
+                        'or unique index of its own', id_column, tbl;
+    END IF;
+    fn := 'capture_' || tbl::oid;
+    owner_expr := CASE WHEN owner_column IS NULL THEN 'NULL::text'
+                       ELSE format('n.%I::text', owner_column) END;
+    account_expr := CASE WHEN account_column IS NULL THEN 'NULL::text'
+                         ELSE format('n.%I::text', account_column) END;
+    old_owner_expr := replace(owner_expr, 'n.', 'o.');
+    old_account_expr := replace(account_expr, 'n.', 'o.');
+
+    -- One generated function per table, with the column names written in,
+    -- so PostgreSQL plans each statement once and keeps the plan.
+    EXECUTE format($f$
+        CREATE OR REPLACE FUNCTION relay.%1$I() RETURNS trigger
+        LANGUAGE plpgsql AS $body$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                INSERT INTO relay.events (xid, repo, op, row_id, owner_id, account_id, data)
+                SELECT pg_current_xact_id(), %2$L, 'c', to_json(n.%3$I), %4$s, %5$s, row_to_json(n)
+                FROM new_rows n;
+            ELSIF TG_OP = 'UPDATE' THEN
+                INSERT INTO relay.events (xid, repo, op, row_id, owner_id, account_id,
+                                          old_owner_id, old_account_id, data)
+                SELECT pg_current_xact_id(), %2$L,
+                       CASE WHEN o.%3$I IS NULL THEN 'c' WHEN n.%3$I IS NULL THEN 'd' ELSE 'u' END,
+                       to_json(coalesce(n.%3$I, o.%3$I)),
+                       CASE WHEN n.%3$I IS NULL THEN %6$s ELSE %4$s END,
+                       CASE WHEN n.%3$I IS NULL THEN %7$s ELSE %5$s END,
+                       %6$s, %7$s,
+                       CASE WHEN n.%3$I IS NULL THEN NULL ELSE row_to_json(n) END
+                FROM old_rows o FULL JOIN new_rows n ON o.%3$I = n.%3$I;
+            ELSE
+                INSERT INTO relay.events (xid, repo, op, row_id, owner_id, account_id)
+                SELECT pg_current_xact_id(), %2$L, 'd', to_json(o.%3$I), %6$s, %7$s
+                FROM old_rows o;
+            END IF;
+            -- A fresh snapshot (this is a new statement): see the listeners' flags now.
+            IF FOUND AND EXISTS (SELECT 1 FROM relay.listeners WHERE sleeping) THEN
+                PERFORM pg_notify('relay_events', '');
+            END IF;
+            RETURN NULL;
+        END;
+        $body$
+    $f$, fn, tbl_name, id_column, owner_expr, account_expr, old_owner_expr, old_account_expr);
+
+    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_insert ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_update ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_delete ON %s', tbl);
+    EXECUTE format('CREATE TRIGGER relay_capture_insert AFTER INSERT ON %s
+                    REFERENCING NEW TABLE AS new_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION relay.%I()', tbl, fn);
+    EXECUTE format('CREATE TRIGGER relay_capture_update AFTER UPDATE ON %s
+                    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION relay.%I()', tbl, fn);
+    EXECUTE format('CREATE TRIGGER relay_capture_delete AFTER DELETE ON %s
+                    REFERENCING OLD TABLE AS old_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION relay.%I()', tbl, fn);
+
+    INSERT INTO relay.watched (repo, table_oid, id_column, owner_column, account_column,
+                               mode, capture_function)
+    VALUES (tbl_name, tbl, id_column, owner_column, account_column, repo_mode, fn)
+    ON CONFLICT (repo) DO UPDATE
+       SET table_oid = EXCLUDED.table_oid, id_column = EXCLUDED.id_column,
+           owner_column = EXCLUDED.owner_column, account_column = EXCLUDED.account_column,
+           mode = EXCLUDED.mode, capture_function = EXCLUDED.capture_function;
+    RETURN tbl_name;
+END;
+$$;
+
+-- Stop capturing a table's changes: drop its triggers and capture function,
+-- and nothing else (the table and its rows are untouched). Idempotent.
+CREATE OR REPLACE FUNCTION relay.unwatch(tbl regclass) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    fn text;
+BEGIN
+    DELETE FROM relay.watched WHERE table_oid = tbl RETURNING capture_function INTO fn;
+    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_insert ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_update ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_delete ON %s', tbl);
+    IF fn IS NOT NULL THEN
+        EXECUTE format('DROP FUNCTION IF EXISTS relay.%I()', fn);
+    END IF;
+    RETURN fn IS NOT NULL;
+END;
+$$;

@@ -1,0 +1,277 @@
+"""Resuming a db- channel against a real relay: clients that vanish, stall or read big rows.
+
+A resume (``join`` with ``after``) streams a backlog from the event log while
+the client reads it. These tests stage what phones do (read part of the
+replay, then drop off the network, or stop reading with the connection
+open) and check that the relay's database pool stays free for everyone else,
+and that a fast reader can resume over rows too large to queue many at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import struct
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from tests.conftest import RelayHandle
+
+BACKLOG = 3000
+FILLER = "x" * 4000  # ~12 MB of backlog: more than loopback socket buffers absorb
+
+
+class Phone:
+    """A raw WebSocket client with a tiny receive buffer, which reads only when told to.
+
+    It is what a phone in a tunnel looks like to the relay: a connection whose
+    reads stop, and which then vanishes with a reset (``vanish``).
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int) -> Phone:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # Set before connecting, so the kernel cannot grow it: the relay's
+        # writes back up as soon as this client stops reading.
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(raw, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=raw, limit=2**16)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            (
+                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        phone = cls(reader, writer)
+        assert (await phone.recv())["type"] == "init"
+        return phone
+
+    def send(self, **fields: Any) -> None:
+        payload = json.dumps(fields).encode()
+        mask = os.urandom(4)
+        n = len(payload)
+        if n < 126:
+            header = struct.pack("!BB", 0x81, 0x80 | n)
+        else:
+            header = struct.pack("!BBH", 0x81, 0x80 | 126, n)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.writer.write(header + mask + masked)
+
+    async def read_frame(self, timeout: float = 10.0) -> tuple[int, bytes]:
+        """The next frame's opcode and payload (the relay never fragments)."""
+        first, second = await asyncio.wait_for(self.reader.readexactly(2), timeout)
+        n = second & 0x7F
+        if n == 126:
+            (n,) = struct.unpack("!H", await self.reader.readexactly(2))
+        elif n == 127:
+            (n,) = struct.unpack("!Q", await self.reader.readexactly(8))
+        return first & 0x0F, await asyncio.wait_for(self.reader.readexactly(n), timeout)
+
+    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The next text frame as a dict (control frames are skipped)."""
+        while True:
+            opcode, body = await self.read_frame(timeout)
+            if opcode == 0x1:
+                frame: dict[str, Any] = json.loads(body)
+                return frame
+
+    async def close_code(self, timeout: float = 20.0) -> int:
+        """Read on until the relay's close frame; its code."""
+        while True:
+            opcode, body = await self.read_frame(timeout)
+            if opcode == 0x8:
+                code: int = struct.unpack("!H", body[:2])[0]
+                return code
+
+    async def auth_and_resume(self, session_token: str, channel: str, after: str) -> None:
+        self.send(type="auth", data=session_token)
+        token = (await self.recv())["data"]
+        self.send(type="join", data=channel, token=token, after=after)
+        joined = await self.recv()
+        assert joined["type"] == "joined", joined
+
+    def vanish(self) -> None:
+        """Drop off the network: close with unread data, so the kernel sends a reset."""
+        sock = self.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
+
+
+async def _backlog(
+    db: asyncpg.Connection, table: str, rows: int, filler: str, relay: RelayHandle | None = None
+) -> None:
+    """Write ``rows`` rows in one transaction; with ``relay``, wait until it dispatched them
+    (so that a resume from before them replays them from the log)."""
+    before = relay.state.listener.position if relay and relay.state.listener else None
+    await db.execute(
+        f"INSERT INTO {table} (owner_id, account_id, data)"
+        " SELECT 'owner', 'acct', jsonb_build_object('n', i, 'filler', $1::text)"
+        " FROM generate_series(1, $2) i",
+        filler,
+        rows,
+    )
+    if relay is not None and before is not None:
+        listener = relay.state.listener
+        assert listener is not None
+
+        async def dispatched() -> bool:
+            return listener.position > before and listener.position.seq is None
+
+        await _eventually(dispatched, "the listener dispatched the backlog")
+
+
+async def _position(relay: RelayHandle, client: Any, table: str) -> str:
+    """The position of ``table``'s stream now (before the backlog is written)."""
+    reader = await client(relay)
+    await reader.auth(relay.token("reader", "acct"))
+    joined = await reader.join("db-" + table)
+    await reader.close()
+    pos: str = joined["pos"]
+    return pos
+
+
+async def _idle_in_transaction(db: asyncpg.Connection) -> int:
+    count: int = await db.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()"
+    )
+    return count
+
+
+async def _eventually(check: Any, what: str, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_resumes_that_drop_off_leave_the_pool_free(relay, client, db, repo) -> None:
+    """Twelve phones resume over a backlog, read a little, vanish: the relay still serves."""
+    handle = await relay()
+    table = await repo("_744_")
+    pos = await _position(handle, client, table)
+    await _backlog(db, table, BACKLOG, FILLER, handle)
+
+    phones = [await Phone.connect(handle.port) for _ in range(12)]
+    for i, phone in enumerate(phones):
+        await phone.auth_and_resume(handle.token(f"phone{i}", "acct"), "db-" + table, pos)
+    for i, phone in enumerate(phones):
+        for _ in range(i * 3):  # some read part of the replay, the first reads nothing
+            assert (await phone.recv())["type"] == "db_created"
+    state = handle.state
+    assert state.db is not None
+
+    async def replays_waiting() -> bool:
+        # Every phone's replay is now blocked on its full send queue.
+        subs = state.dbhub.repos.get(table)
+        return subs is not None and len(subs.catching_up) == len(phones)
+
+    await _eventually(replays_waiting, "all replays waiting on their clients")
+    # Waiting on a client never holds a database connection or a transaction.
+    assert state.db.stats()["in_use"] == 0
+    assert await _idle_in_transaction(db) == 0
+
+    for phone in phones:
+        phone.vanish()
+
+    async def all_gone() -> bool:
+        return not state.hub.sockets and table not in state.dbhub.repos
+
+    await _eventually(all_gone, "the relay forgot every vanished phone")
+    assert state.db.stats()["in_use"] == 0
+
+    # Everything that needs the pool still works: a new connection, a db join
+    # with and without 'after', a live event, and the health check.
+    fresh = await client(handle)
+    await fresh.auth(handle.token("fresh", "acct"))
+    await fresh.send(type="join", data="db-" + table, token=fresh.token, after=pos)
+    assert (await fresh.expect("joined", timeout=10))["channel"] == "db-" + table
+    for n in range(1, BACKLOG + 1):
+        frame = await fresh.expect("db_created")
+        assert json.loads(frame["data"])["data"]["n"] == n
+    await _backlog(db, table, 1, "live")
+    live = await fresh.expect("db_created")
+    assert json.loads(live["data"])["data"]["filler"] == "live"
+    async with aiohttp.ClientSession() as http, http.get(handle.http_url + "/healthz") as resp:
+        assert resp.status == 200
+
+
+async def test_a_resume_that_stops_reading_is_cut_off(relay, client, db, repo) -> None:
+    """A client that reads nothing of its replay (connection open) is closed 4001."""
+    handle = await relay(replay_stall_seconds=1.0)
+    table = await repo("_744_")
+    pos = await _position(handle, client, table)
+    await _backlog(db, table, BACKLOG, FILLER, handle)
+    phone = await Phone.connect(handle.port)
+    await phone.auth_and_resume(handle.token("stuck", "acct"), "db-" + table, pos)
+    state = handle.state
+
+    async def cut_off() -> bool:
+        return table not in state.dbhub.repos
+
+    await _eventually(cut_off, "the stalled replay was given up")
+    assert state.db is not None and state.db.stats()["in_use"] == 0
+    assert await _idle_in_transaction(db) == 0
+    # What the kernel held still arrives, then the close frame says why.
+    assert await phone.close_code() == 4001
+    phone.writer.close()
+
+
+async def test_resume_over_large_rows(relay, client, db, repo) -> None:
+    """600 rows of 40 KB after the position (24 MB, over the 16 MiB queue cap) all arrive."""
+    handle = await relay()
+    table = await repo("_744_")
+    pos = await _position(handle, client, table)
+    await _backlog(db, table, 600, "y" * 40_000, handle)
+    resumer = await client(handle)
+    await resumer.auth(handle.token("big", "acct"))
+    await resumer.join("db-" + table, after=pos)
+    for n in range(1, 601):
+        frame = await resumer.expect("db_created", timeout=20)
+        assert json.loads(frame["data"])["data"]["n"] == n
+    await _backlog(db, table, 1, "after")
+    live = await resumer.expect("db_created")
+    assert json.loads(live["data"])["data"]["filler"] == "after"
+
+
+async def test_a_wedged_pool_fails_the_health_check(relay, client) -> None:
+    """Liveness: /healthz answers 503 while every pool connection is stuck, 200 after."""
+    handle = await relay()
+    state = handle.state
+    assert state.db is not None
+    state.db.stuck_seconds = 0.2
+    holders = [state.db.acquire() for _ in range(state.db.max_size)]
+    for holder in holders:
+        await holder.__aenter__()
+    try:
+        await asyncio.sleep(0.3)  # longer than stuck_seconds: the holders are stuck now
+        async with aiohttp.ClientSession() as http:
+            async with http.get(handle.http_url + "/healthz") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["status"] == "wedged"
+            # Work that needs the pool fails in bounded time instead of hanging.
+            waiter = await client(handle)
+            await waiter.auth(handle.token("w", "acct"))
+            await waiter.send(type="join", data="db-anything", token=waiter.token)
+            error = await waiter.expect("error", timeout=state.db.acquire_timeout + 5)
+            assert "try again shortly" in error["data"]
+    finally:
+        for holder in holders:
+            await holder.__aexit__(None, None, None)
+    async with aiohttp.ClientSession() as http, http.get(handle.http_url + "/healthz") as resp:
+        assert resp.status == 200
