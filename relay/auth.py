@@ -1,9 +1,14 @@
 """Authentication: session tokens (JWTs) in, identities and socket tokens out.
 
-A session token is a JWT signed by the app's identity provider (or by
-``relay token``), verified with an HS256 secret or an RS256/ES256 public key.
-``sub`` is the user id; a configurable claim is the account id; ``role: root``
-marks a service token that may read every database event.
+A session token is a JWT signed by an app's identity provider (or by
+``relay token``), verified with that app's key: an HS256 secret, an
+RS256/ES256 public key, or the key set at a JWKS URL (keys picked by ``kid``,
+fetched again when an unknown ``kid`` shows up, so keys rotate without a
+restart). ``sub`` is the user id; a configurable claim is the account id;
+``role: root`` marks a service token that reads every database event of its
+app. ``exp`` is required and must be a number. A token that names an
+audience (``aud``) must name this app; one that names none is accepted only
+by an app whose key no other app shares.
 
 A socket token is what ``auth`` hands back: a random value bound to the one
 socket it was issued on, so a token copied to another socket is worthless.
@@ -11,6 +16,7 @@ socket it was issued on, so a token copied to another socket is worthless.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import secrets
 import time
@@ -21,6 +27,15 @@ from typing import Any
 import jwt
 
 ROOT_ROLE = "root"
+# Fetching a JWKS is a blocking HTTP request, done in a thread, at most this long.
+JWKS_TIMEOUT = 5.0
+JWKS_CACHE_SECONDS = 300
+_JWKS_CLIENTS: dict[str, jwt.PyJWKClient] = {}
+_MAX_JWKS_CLIENTS = 1000
+
+
+class TokenRejected(Exception):
+    """A session token is not valid here; the message says why (never the token)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,51 +46,133 @@ class Identity:
     expires_at: float | None = None  # unix seconds, from ``exp``
 
 
+def jwks_client(url: str) -> jwt.PyJWKClient:
+    """One key-set client per URL for the process, so its cache outlives app lookups."""
+    client = _JWKS_CLIENTS.get(url)
+    if client is None:
+        if len(_JWKS_CLIENTS) >= _MAX_JWKS_CLIENTS:
+            _JWKS_CLIENTS.clear()
+        client = jwt.PyJWKClient(
+            url, cache_keys=True, lifespan=JWKS_CACHE_SECONDS, timeout=int(JWKS_TIMEOUT)
+        )
+        _JWKS_CLIENTS[url] = client
+    return client
+
+
 class TokenVerifier:
-    """Checks session tokens against one key; never logs or echoes them."""
+    """Checks session tokens against one app's key; never logs or echoes them."""
 
     def __init__(
         self,
         secret: str | None = None,
         public_key: str | None = None,
         account_claim: str = "account_id",
+        jwks_url: str | None = None,
+        audience: str | None = None,
+        issuer: str | None = None,
+        audience_required: bool = False,
+        max_ttl_seconds: int | None = None,
     ) -> None:
-        if public_key:
-            self._key: Any = _load_public_key(public_key)
+        self._jwks: jwt.PyJWKClient | None = None
+        if jwks_url:
+            self._jwks = jwks_client(jwks_url)
+            self._key: Any = None
+            self._algorithms = ["RS256", "ES256"]
+        elif public_key:
+            self._key = load_public_key(public_key)
             self._algorithms = ["RS256", "ES256"]
         elif secret:
             self._key = secret
             self._algorithms = ["HS256"]
         else:
-            raise ValueError("a JWT secret or public key is required")
+            raise ValueError("a JWT secret, public key or JWKS URL is required")
         self.account_claim = account_claim
+        self.audience = audience
+        self.issuer = issuer
+        self.audience_required = audience_required
+        self.max_ttl_seconds = max_ttl_seconds
 
     def verify(self, token: str) -> Identity | None:
         """The identity in a valid token, or None for any invalid one."""
         try:
-            claims = jwt.decode(
-                token,
-                self._key,
-                algorithms=self._algorithms,
-                options={"require": ["sub"], "verify_aud": False},
+            return self.check(token)
+        except TokenRejected:
+            return None
+
+    async def verify_async(self, token: str) -> Identity:
+        """:meth:`check`, resolving a JWKS key in a thread; raises TokenRejected."""
+        if self._jwks is None:
+            return self.check(token)
+        try:
+            signing = await asyncio.wait_for(
+                asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token), JWKS_TIMEOUT
             )
-        except (jwt.PyJWTError, ValueError, TypeError):
-            return None
+        except TimeoutError:
+            raise TokenRejected("key set unreachable") from None
+        except (jwt.PyJWTError, ValueError, TypeError) as err:
+            raise TokenRejected(f"no key for this token ({type(err).__name__})") from None
+        return self.check(token, signing.key)
+
+    def check(self, token: str, key: Any = None) -> Identity:
+        """The identity in a valid token; raises :class:`TokenRejected` saying why."""
+        key = key if key is not None else self._key
+        if key is None:
+            raise TokenRejected("this app's keys come from a JWKS URL")
+        options: Any = {"require": ["sub", "exp"]}
+        try:
+            try:
+                claims = jwt.decode(
+                    token,
+                    key,
+                    algorithms=self._algorithms,
+                    audience=self.audience,
+                    issuer=self.issuer,
+                    options=options,
+                )
+            except jwt.MissingRequiredClaimError as err:
+                if err.claim != "aud" or self.audience_required:
+                    raise
+                # No audience named: acceptable for an app whose key is its own.
+                options["verify_aud"] = False
+                claims = jwt.decode(
+                    token, key, algorithms=self._algorithms, issuer=self.issuer, options=options
+                )
+        except jwt.InvalidAudienceError:
+            raise TokenRejected("audience (aud) does not name this app") from None
+        except jwt.MissingRequiredClaimError as err:
+            raise TokenRejected(f"missing claim {err.claim!r}") from None
+        except jwt.ExpiredSignatureError:
+            raise TokenRejected("expired") from None
+        except jwt.InvalidSignatureError:
+            raise TokenRejected("bad signature (a token of another app?)") from None
+        except (jwt.PyJWTError, ValueError, TypeError, OverflowError) as err:
+            raise TokenRejected(f"malformed ({type(err).__name__})") from None
+        return self._identity(claims)
+
+    def _identity(self, claims: dict[str, Any]) -> Identity:
         user = claims.get("sub")
-        account = claims.get(self.account_claim)
-        if user is None or user == "":
-            return None
+        if not isinstance(user, str | int) or isinstance(user, bool) or user == "":
+            raise TokenRejected("'sub' must be a non-empty string")
         exp = claims.get("exp")
+        # PyJWT accepts numeric strings; the expiry timer needs a real number.
+        # (0 < exp < 2**53 also rules out NaN, and ints too big for a float timer.)
+        if not isinstance(exp, int | float) or isinstance(exp, bool) or not 0 < exp < 2**53:
+            raise TokenRejected("'exp' must be a number of seconds")
+        if self.max_ttl_seconds is not None and exp - time.time() > self.max_ttl_seconds:
+            raise TokenRejected(f"lives longer than the allowed {self.max_ttl_seconds} s")
+        account = claims.get(self.account_claim)
         return Identity(
             user_id=str(user),
             # Only scalar ids compare meaningfully with a row's account column.
-            account_id=str(account) if isinstance(account, str | int) and account != "" else None,
+            account_id=str(account)
+            if isinstance(account, str | int) and not isinstance(account, bool) and account != ""
+            else None,
             is_root=claims.get("role") == ROOT_ROLE,
-            expires_at=float(exp) if isinstance(exp, int | float) else None,
+            expires_at=float(exp),
         )
 
 
-def _load_public_key(value: str) -> str:
+def load_public_key(value: str) -> str:
     """A PEM given inline, or the path of a file holding one."""
     if "-----BEGIN" in value:
         return value
@@ -86,17 +183,23 @@ def mint_token(
     secret: str,
     user_id: str,
     account_id: str,
-    ttl_seconds: int | None = 3600,
+    ttl_seconds: int = 3600,
     account_claim: str = "account_id",
     root: bool = False,
+    audience: str | None = None,
 ) -> str:
     """A session token signed with the HS256 secret (what ``relay token`` prints)."""
     now = int(time.time())
-    claims: dict[str, Any] = {"sub": user_id, account_claim: account_id, "iat": now}
-    if ttl_seconds:
-        claims["exp"] = now + ttl_seconds
+    claims: dict[str, Any] = {
+        "sub": user_id,
+        account_claim: account_id,
+        "iat": now,
+        "exp": now + ttl_seconds,
+    }
     if root:
         claims["role"] = ROOT_ROLE
+    if audience:
+        claims["aud"] = audience
     return jwt.encode(claims, secret, algorithm="HS256")
 
 

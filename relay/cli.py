@@ -21,6 +21,7 @@ from relay import plans, repos
 from relay.auth import mint_token, parse_ttl
 from relay.config import ConfigError, Settings
 from relay.db import EmbeddedPostgres, run_migrations
+from relay.schema import DEFAULT_APP
 
 log = logging.getLogger("relay")
 T = TypeVar("T")
@@ -65,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--account", required=True)
     token.add_argument("--ttl", default="1h", help="lifetime: 90s, 15m, 1h, 7d (default 1h)")
     token.add_argument("--root", action="store_true", help="a service token that reads all rows")
+    token.add_argument("--app", help="sign with this app's secret (read from the database)")
+    token.add_argument("--database-url", help="where the app is (with --app)")
     token.set_defaults(func=cmd_token)
 
     migrate = sub.add_parser("migrate", help="apply the relay's schema migrations")
@@ -76,14 +79,17 @@ def _parser() -> argparse.ArgumentParser:
     repo_sub = repo.add_subparsers(dest="repo_command", required=True)
     create = repo_sub.add_parser("create", help="create a repository table and watch it")
     create.add_argument("name")
+    create.add_argument("--app", default=DEFAULT_APP, help="the app that owns it")
     create.set_defaults(func=cmd_repo_create)
     watch = repo_sub.add_parser("watch", help="watch existing tables")
     watch.add_argument("tables", nargs="+", metavar="SCHEMA.TABLE")
     watch.add_argument("--id-column", default="id")
     watch.add_argument("--owner-column")
     watch.add_argument("--account-column")
+    watch.add_argument("--app", default=DEFAULT_APP, help="the app that owns them")
     watch.set_defaults(func=cmd_repo_watch)
     lst = repo_sub.add_parser("list", help="list watched tables")
+    lst.add_argument("--app", help="only this app's")
     lst.set_defaults(func=cmd_repo_list)
     unwatch = repo_sub.add_parser("unwatch", help="remove the triggers (and nothing else)")
     unwatch.add_argument("tables", nargs="+", metavar="SCHEMA.TABLE")
@@ -152,7 +158,24 @@ def _app_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         dest="origins",
         help="an allowed Origin, e.g. https://app.example.com (repeat; default: any)",
     )
+    keys = create.add_mutually_exclusive_group()
+    keys.add_argument("--jwt-secret", help="verify session tokens with this HS256 secret")
+    keys.add_argument("--jwt-public-key", help="... with this RS256/ES256 public key (PEM or path)")
+    keys.add_argument("--jwks-url", help="... with the keys at this JWKS URL (rotated by kid)")
+    create.add_argument("--audience", help="the 'aud' its tokens name (default: the app's name)")
+    create.add_argument("--issuer", help="the 'iss' its tokens must carry")
     create.set_defaults(func=cmd_app_create)
+    for command, helptext, func in (
+        ("suspend", "refuse the app's connections and close its open ones", cmd_app_suspend),
+        ("resume", "let a suspended app connect again", cmd_app_resume),
+    ):
+        p = app_sub.add_parser(command, help=helptext)
+        p.add_argument("name")
+        p.set_defaults(func=func)
+    delete = app_sub.add_parser("delete", help="delete an app (not while it owns watched tables)")
+    delete.add_argument("name")
+    delete.add_argument("--unwatch", action="store_true", help="unwatch its tables first")
+    delete.set_defaults(func=cmd_app_delete)
     lst = app_sub.add_parser("list", help="list apps")
     lst.set_defaults(func=cmd_app_list)
     set_plan = app_sub.add_parser("set-plan", help="move an app to another plan")
@@ -224,18 +247,34 @@ def database(settings: Settings) -> Iterator[str]:
 
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
-    if settings.jwt_public_key and not settings.jwt_secret:
-        raise ConfigError("relay verifies tokens with a public key: mint them with your provider")
-    secret = settings.resolve_jwt_secret(create=True)
-    assert secret is not None
+    ttl = parse_ttl(args.ttl)
+    if ttl <= 0:
+        raise ConfigError("--ttl must be positive: session tokens always expire")
+    audience = None
+    if args.app and args.app != DEFAULT_APP:
+        app = _with_conn(settings, args, lambda c: plans.get_app(c, args.app))
+        if not app.jwt_secret:
+            raise ConfigError(
+                f"app {app.id!r} verifies tokens with a public key: mint them with its provider"
+            )
+        secret, audience = app.jwt_secret, app.audience or app.id
+    else:
+        if settings.jwt_public_key and not settings.jwt_secret:
+            raise ConfigError(
+                "relay verifies tokens with a public key: mint them with your provider"
+            )
+        resolved = settings.resolve_jwt_secret(create=True)
+        assert resolved is not None
+        secret = resolved
     print(
         mint_token(
             secret,
             args.user,
             args.account,
-            ttl_seconds=parse_ttl(args.ttl),
+            ttl_seconds=ttl,
             account_claim=settings.jwt_account_claim,
             root=args.root,
+            audience=audience,
         )
     )
     return 0
@@ -272,15 +311,18 @@ def _with_conn(
 
 
 def cmd_repo_create(settings: Settings, args: argparse.Namespace) -> int:
-    repo = _with_conn(settings, args, lambda c: repos.create_repo(c, args.name))
-    print(f"created and watching {repo}: clients join db-{repo}")
+    repo = _with_conn(settings, args, lambda c: repos.create_repo(c, args.name, args.app))
+    owner = "" if args.app == DEFAULT_APP else f" for app {args.app}"
+    print(f"created and watching {repo}{owner}: clients join db-{repo}")
     return 0
 
 
 def cmd_repo_watch(settings: Settings, args: argparse.Namespace) -> int:
     async def work(conn: asyncpg.Connection) -> list[str]:
         return [
-            await repos.watch(conn, t, args.id_column, args.owner_column, args.account_column)
+            await repos.watch(
+                conn, t, args.id_column, args.owner_column, args.account_column, args.app
+            )
             for t in args.tables
         ]
 
@@ -290,12 +332,12 @@ def cmd_repo_watch(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_repo_list(settings: Settings, args: argparse.Namespace) -> int:
-    found = _with_conn(settings, args, repos.list_repos)
+    found = _with_conn(settings, args, lambda c: repos.list_repos(c, args.app))
     if not found:
         print("no watched tables")
     for r in found:
         print(
-            f"{r.repo}\ttable={r.table}\tmode={r.mode}\tid={r.id_column}"
+            f"{r.repo}\tapp={r.app}\ttable={r.table}\tmode={r.mode}\tid={r.id_column}"
             f"\towner={r.owner_column or '-'}\taccount={r.account_column or '-'}"
         )
     return 0
@@ -326,9 +368,13 @@ def _print_plan(p: plans.Plan) -> None:
 
 
 def _print_app(a: plans.AppRecord) -> None:
+    keys = "jwks" if a.jwks_url else "public-key" if a.jwt_public_key else "secret"
+    if not (a.jwks_url or a.jwt_public_key or a.jwt_secret):
+        keys = "relay's own" if a.id == DEFAULT_APP else "relay's own, aud required"
     print(
         f"{a.id}\tpublic_key={a.public_key or '-'}\tplan={a.plan}"
-        f"\torigins={','.join(a.origins) or 'any'}"
+        f"\torigins={','.join(a.origins) or 'any'}\ttokens={keys}"
+        f"\tstatus={'suspended' if a.suspended else 'active'}"
     )
 
 
@@ -366,9 +412,40 @@ def cmd_app_create(settings: Settings, args: argparse.Namespace) -> int:
     app = _with_conn(
         settings,
         args,
-        lambda c: plans.create_app(c, args.name, args.public_key, args.plan, args.origins),
+        lambda c: plans.create_app(
+            c,
+            args.name,
+            args.public_key,
+            args.plan,
+            args.origins,
+            jwt_secret=args.jwt_secret,
+            jwt_public_key=args.jwt_public_key,
+            jwks_url=args.jwks_url,
+            audience=args.audience,
+            issuer=args.issuer,
+        ),
     )
     _print_app(app)
+    # Shown once: clients send the public key, the app's backend signs with the secret.
+    print(f"public key: {app.public_key}")
+    if app.jwt_secret and not args.jwt_secret:
+        print(f"jwt secret: {app.jwt_secret}")
+    return 0
+
+
+def cmd_app_suspend(settings: Settings, args: argparse.Namespace) -> int:
+    _print_app(_with_conn(settings, args, lambda c: plans.suspend_app(c, args.name)))
+    return 0
+
+
+def cmd_app_resume(settings: Settings, args: argparse.Namespace) -> int:
+    _print_app(_with_conn(settings, args, lambda c: plans.resume_app(c, args.name)))
+    return 0
+
+
+def cmd_app_delete(settings: Settings, args: argparse.Namespace) -> int:
+    _with_conn(settings, args, lambda c: plans.delete_app(c, args.name, args.unwatch))
+    print(f"deleted app {args.name}")
     return 0
 
 

@@ -69,6 +69,10 @@ class Settings:
     event_retention_seconds: int = 24 * 3600
     event_retention_rows: int | None = 10_000_000
     prune_seconds: float = 60.0
+    # How often open sockets are checked against their app (suspended or deleted).
+    app_check_seconds: float = 5.0
+    # The longest a session token may live from now (None: as long as its exp says).
+    jwt_max_ttl_seconds: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -82,6 +86,8 @@ class Settings:
         settings.jwt_secret = env.get("RELAY_JWT_SECRET") or None
         settings.jwt_public_key = env.get("RELAY_JWT_PUBLIC_KEY") or None
         settings.jwt_account_claim = env.get("RELAY_JWT_ACCOUNT_CLAIM") or "account_id"
+        if env.get("RELAY_JWT_MAX_TTL"):
+            settings.jwt_max_ttl_seconds = _duration(env, "RELAY_JWT_MAX_TTL")
         settings.broker_url = env.get("RELAY_BROKER_URL") or "memory://"
         if env.get("RELAY_MAX_CONNECTIONS"):
             settings.max_connections = _int(env, "RELAY_MAX_CONNECTIONS", 0)

@@ -23,6 +23,7 @@ from relay.auth import Identity
 from relay.hub import Socket
 from relay.permissions import Mode, can_read, mode_of
 from relay.protocol import CloseCode
+from relay.schema import DEFAULT_APP
 
 log = logging.getLogger("relay.db")
 
@@ -67,6 +68,7 @@ class Event:
     old_owner_id: str | None = None
     old_account_id: str | None = None
     data: str | None = None  # the full new row as JSON text
+    app: str = DEFAULT_APP  # the app the table belongs to
 
     @property
     def pos(self) -> str:
@@ -103,6 +105,7 @@ class Position:
 
 @dataclass
 class RepoSubscribers:
+    app: str
     repo: str
     mode: Mode
     everyone: set[Socket] = field(default_factory=set)
@@ -151,14 +154,22 @@ class RepoSubscribers:
         return found
 
 
+RepoKey = tuple[str, str]  # (app id, repository name): repositories are per app
+
+
 class DbHub:
     def __init__(self) -> None:
-        self.repos: dict[str, RepoSubscribers] = {}
+        self.repos: dict[RepoKey, RepoSubscribers] = {}
+
+    def subscribers(self, app: str, repo: str) -> RepoSubscribers | None:
+        return self.repos.get((app, repo))
 
     def subscribe(self, socket: Socket, repo: str, catching_up: bool = False) -> None:
-        subs = self.repos.get(repo)
+        """Subscribe to ``repo`` of the socket's own app."""
+        key = (socket.app_id, repo)
+        subs = self.repos.get(key)
         if subs is None:
-            subs = self.repos[repo] = RepoSubscribers(repo, mode_of(repo))
+            subs = self.repos[key] = RepoSubscribers(socket.app_id, repo, mode_of(repo))
         subs.remove(socket)  # re-joining (perhaps as another user) re-indexes
         subs.add(socket)
         if catching_up:
@@ -166,13 +177,14 @@ class DbHub:
         socket.channels.add(protocol.DB_CHANNEL_PREFIX + repo)
 
     def unsubscribe(self, socket: Socket, repo: str) -> None:
-        subs = self.repos.get(repo)
+        key = (socket.app_id, repo)
+        subs = self.repos.get(key)
         socket.channels.discard(protocol.DB_CHANNEL_PREFIX + repo)
         if subs is None:
             return
         subs.remove(socket)
         if not subs.everyone:
-            del self.repos[repo]
+            del self.repos[key]
 
     def unsubscribe_all(self, socket: Socket) -> None:
         for name in list(socket.channels):
@@ -180,7 +192,7 @@ class DbHub:
                 self.unsubscribe(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
 
     def dispatch(self, event: Event) -> None:
-        subs = self.repos.get(event.repo)
+        subs = self.repos.get((event.app, event.repo))
         if subs is None:
             return
         channel = protocol.DB_CHANNEL_PREFIX + event.repo
@@ -210,7 +222,7 @@ class DbHub:
         Returns the frames sent, or None when the socket is no longer catching
         up on ``repo`` (it left, re-joined or was cut off): the replay stops.
         """
-        subs = self.repos.get(repo)
+        subs = self.repos.get((socket.app_id, repo))
         ident = socket.identity
         if subs is None or socket not in subs.catching_up or ident is None:
             return None
@@ -227,7 +239,7 @@ class DbHub:
         Called repeatedly with flow control in between, so a subscriber whose
         backlog grew while it replayed is neither flooded nor cut off.
         """
-        subs = self.repos.get(repo)
+        subs = self.repos.get((socket.app_id, repo))
         held = subs.catching_up.get(socket) if subs is not None else None
         if subs is None or held is None:
             return True

@@ -31,7 +31,7 @@ log = logging.getLogger("relay.ws")
 # Events read from the log per page (one short query, its connection given
 # back before the events are queued for the client).
 REPLAY_PAGE = 500
-PAGE_SQL = "SELECT * FROM relay.events_page($1, $2, $3, $4, $5)"
+PAGE_SQL = "SELECT * FROM relay.events_page($1, $2, $3, $4, $5, $6)"
 # The SQLSTATE relay.events_page raises when the log was pruned under a replay.
 PRUNED = "RL001"
 RELOAD = "reload the data, then join without 'after'"
@@ -50,7 +50,9 @@ async def join_db(
     """``admit`` re-checks the socket's right to join after the awaits (its
     session may have expired while the database answered); it raises to refuse."""
     repo = name[len(protocol.DB_CHANNEL_PREFIX) :]
-    watched = await db.fetchval("SELECT 1 FROM relay.watched WHERE repo = $1", repo)
+    watched = await db.fetchval(
+        "SELECT 1 FROM relay.watched WHERE app = $1 AND repo = $2", socket.app_id, repo
+    )
     if not watched:
         raise RelayError(f"cannot join {name}: {repo!r} is not a watched table")
     after = await _check_position(db, listener, after_text) if after_text else None
@@ -112,7 +114,9 @@ async def _replay(
     sent = 0
     cursor = after
     while True:
-        rows = await db.fetch(PAGE_SQL, cursor.tick, cursor.seq, upto.tick, REPLAY_PAGE, repo)
+        rows = await db.fetch(
+            PAGE_SQL, cursor.tick, cursor.seq, upto.tick, REPLAY_PAGE, socket.app_id, repo
+        )
         for row in rows:
             event = event_from_record(row)
             if upto.before(event):

@@ -56,6 +56,7 @@ def event_from_record(r: Any) -> Event:
     return Event(
         tick=r["tick"],
         seq=r["seq"],
+        app=r["app"],
         repo=r["repo"],
         op=r["op"],
         row_id=r["row_id"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import re
 import secrets
 import time
@@ -23,8 +24,11 @@ from typing import Final, Literal
 
 import asyncpg
 
+from relay.auth import TokenVerifier, load_public_key
 from relay.pool import Database
 from relay.schema import DEFAULT_APP, DEFAULT_PLAN
+
+log = logging.getLogger("relay.apps")
 
 CACHE_SECONDS = 5.0
 # Cached answers kept at most; unknown keys are cached too, so random keys
@@ -44,10 +48,21 @@ class AppsUnavailable(Exception):
 
 
 _LOOKUP_SQL = """
-SELECT a.id, a.origins, p.max_connections, p.max_channels_per_socket, p.messages_per_second
+SELECT a.id, a.public_key, a.origins, a.suspended,
+       a.jwt_secret, a.jwt_public_key, a.jwks_url, a.audience, a.issuer,
+       p.max_connections, p.max_channels_per_socket, p.messages_per_second,
+       EXISTS (
+           SELECT 1 FROM relay.apps b
+           WHERE b.id <> a.id AND (b.jwt_secret = a.jwt_secret
+                OR b.jwt_public_key = a.jwt_public_key OR b.jwks_url = a.jwks_url)
+       ) AS shares_key
 FROM relay.apps a JOIN relay.plans p ON p.name = a.plan
 WHERE {where}
 """
+SUSPENDED = "app suspended: its connections are refused; ask the app's operator"
+DELETED = "app deleted: this app no longer exists on this relay"
+# Names an app may not take: its tables live in a schema of its name.
+RESERVED_NAMES = frozenset({"relay", "public", "information_schema"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +72,10 @@ class App:
     max_connections: int | None = None
     max_channels_per_socket: int | None = None
     messages_per_second: int | None = None
+    # How this app's session tokens are verified (None: the app cannot authenticate).
+    verifier: TokenVerifier | None = None
+    public_key: str | None = None
+    suspended: bool = False
 
     def allows_origin(self, origin: str | None) -> bool:
         """Browsers always send Origin; clients that send none (apps, servers) are
@@ -67,9 +86,25 @@ class App:
 
 
 class AppDirectory:
-    def __init__(self, pool: Database, default_max_connections: int | None) -> None:
+    def __init__(
+        self,
+        pool: Database,
+        default_max_connections: int | None,
+        default_verifier: TokenVerifier | None = None,
+        default_secret: str | None = None,
+        default_public_key: str | None = None,
+    ) -> None:
         self._pool = pool
         self._default_cap = default_max_connections
+        # The default app verifies with the relay's own settings; an app that
+        # shares that key (or has none of its own, as apps made before keys
+        # were per app) must have its tokens name it in 'aud'.
+        self._default_verifier = default_verifier
+        self._default_secret = default_secret
+        self._default_public_key = default_public_key
+        self._default_keys = frozenset(k for k in (default_secret, default_public_key) if k)
+        self.account_claim = default_verifier.account_claim if default_verifier else "account_id"
+        self._max_ttl = default_verifier.max_ttl_seconds if default_verifier else None
         self._cache: dict[str, tuple[float, App | None]] = {}
         self._inflight: dict[str, asyncio.Future[App | None]] = {}
 
@@ -110,7 +145,7 @@ class AppDirectory:
             if hit is not None:
                 return hit[1]  # stale, but the best answer there is
             if not public_key:
-                return App(id=DEFAULT_APP, max_connections=self._default_cap)
+                return self._default_app()
             raise AppsUnavailable(f"database unreachable ({type(err).__name__})") from err
         self._remember(public_key, app)
         return app
@@ -123,11 +158,10 @@ class AppDirectory:
         else:
             row = await self._pool.fetchrow(_LOOKUP_SQL.format(where="a.id = $1"), DEFAULT_APP)
         if row is None:
-            return (
-                App(id=DEFAULT_APP, max_connections=self._default_cap) if not public_key else None
-            )
+            return self._default_app() if not public_key else None
+        is_default = row["id"] == DEFAULT_APP
         cap = row["max_connections"]
-        if row["id"] == DEFAULT_APP and self._default_cap is not None:
+        if is_default and self._default_cap is not None:
             cap = self._default_cap
         return App(
             id=row["id"],
@@ -135,7 +169,35 @@ class AppDirectory:
             max_connections=cap,
             max_channels_per_socket=row["max_channels_per_socket"],
             messages_per_second=row["messages_per_second"],
+            verifier=self._default_verifier if is_default else self._verifier(row),
+            public_key=row["public_key"],
+            suspended=row["suspended"],
         )
+
+    def _default_app(self) -> App:
+        return App(
+            id=DEFAULT_APP, max_connections=self._default_cap, verifier=self._default_verifier
+        )
+
+    def _verifier(self, row: asyncpg.Record) -> TokenVerifier | None:
+        keys = {row["jwt_secret"], row["jwt_public_key"], row["jwks_url"]} - {None}
+        own = bool(keys)
+        if not own and not self._default_keys:
+            return None
+        try:
+            return TokenVerifier(
+                secret=row["jwt_secret"] if own else self._default_secret,
+                public_key=row["jwt_public_key"] if own else self._default_public_key,
+                jwks_url=row["jwks_url"],
+                account_claim=self.account_claim,
+                audience=row["audience"] or row["id"],
+                issuer=row["issuer"],
+                audience_required=not own or row["shares_key"] or bool(keys & self._default_keys),
+                max_ttl_seconds=self._max_ttl,
+            )
+        except (OSError, ValueError) as err:  # an unreadable PEM path, say
+            log.warning("app key unusable app=%s error=%s", row["id"], type(err).__name__)
+            return None
 
     def _remember(self, public_key: str, app: App | None) -> None:
         now = time.monotonic()
@@ -147,6 +209,13 @@ class AppDirectory:
 
     def forget(self) -> None:
         self._cache.clear()
+
+    async def states(self, app_ids: Iterable[str]) -> dict[str, bool]:
+        """Whether each of these apps is suspended; an app missing from the answer is deleted."""
+        rows = await self._pool.fetch(
+            "SELECT id, suspended FROM relay.apps WHERE id = ANY($1::text[])", list(app_ids)
+        )
+        return {r["id"]: r["suspended"] for r in rows}
 
 
 # --- management: relay plan ... / relay app ... ---------------------------------
@@ -175,6 +244,12 @@ class AppRecord:
     public_key: str | None
     plan: str
     origins: tuple[str, ...] = ()
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwks_url: str | None = None
+    audience: str | None = None
+    issuer: str | None = None
+    suspended: bool = False
 
 
 def normalize_origin(origin: str) -> str:
@@ -204,7 +279,18 @@ def _plan(row: asyncpg.Record) -> Plan:
 
 
 def _app(row: asyncpg.Record) -> AppRecord:
-    return AppRecord(row["id"], row["public_key"], row["plan"], tuple(row["origins"] or ()))
+    return AppRecord(
+        row["id"],
+        row["public_key"],
+        row["plan"],
+        tuple(row["origins"] or ()),
+        jwt_secret=row["jwt_secret"],
+        jwt_public_key=row["jwt_public_key"],
+        jwks_url=row["jwks_url"],
+        audience=row["audience"],
+        issuer=row["issuer"],
+        suspended=row["suspended"],
+    )
 
 
 async def create_plan(
@@ -275,20 +361,45 @@ async def create_app(
     public_key: str | None = None,
     plan: str = DEFAULT_PLAN,
     origins: Iterable[str] = (),
+    jwt_secret: str | None = None,
+    jwt_public_key: str | None = None,
+    jwks_url: str | None = None,
+    audience: str | None = None,
+    issuer: str | None = None,
 ) -> AppRecord:
-    """A new app; its public key is generated when not given."""
+    """A new app; its public key, and an HS256 secret unless a key is given, are generated."""
     _check_name("app", name)
+    if name.lower() in RESERVED_NAMES or name.lower().startswith("pg_"):
+        raise PlanError(f"{name!r} is reserved: an app's tables live in a schema of its name")
     key = public_key if public_key is not None else new_public_key()
     if not key or len(key) > MAX_PUBLIC_KEY or not key.isprintable() or " " in key:
         raise PlanError(f"a public key is 1-{MAX_PUBLIC_KEY} printable characters, no spaces")
+    given = [k for k in (jwt_secret, jwt_public_key, jwks_url) if k]
+    if len(given) > 1:
+        raise PlanError("give one of --jwt-secret, --jwt-public-key, --jwks-url")
+    if jwt_public_key:
+        try:  # stored as PEM text, so every relay reads the same key
+            jwt_public_key = load_public_key(jwt_public_key)
+            TokenVerifier(public_key=jwt_public_key)
+        except (OSError, ValueError) as err:
+            raise PlanError(f"cannot read the public key: {err}") from None
+    if jwks_url and not jwks_url.startswith(("https://", "http://")):
+        raise PlanError(f"not a JWKS URL: {jwks_url!r} (expected https://...)")
+    if not given:
+        jwt_secret = secrets.token_urlsafe(48)
     try:
         row = await conn.fetchrow(
-            "INSERT INTO relay.apps (id, public_key, plan, origins)"
-            " VALUES ($1, $2, $3, $4) RETURNING *",
+            "INSERT INTO relay.apps (id, public_key, plan, origins, jwt_secret, jwt_public_key,"
+            " jwks_url, audience, issuer) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *",
             name,
             key,
             plan,
             _origins(origins),
+            jwt_secret,
+            jwt_public_key,
+            jwks_url,
+            audience,
+            issuer,
         )
     except asyncpg.ForeignKeyViolationError:
         raise PlanError(f"no plan named {plan!r}: create it with relay plan create") from None
@@ -296,6 +407,52 @@ async def create_app(
         what = "public key" if "public_key" in str(err.constraint_name) else "app name"
         raise PlanError(f"an app with this {what} already exists") from None
     return _app(row)
+
+
+async def get_app(conn: asyncpg.Connection, name: str) -> AppRecord:
+    row = await conn.fetchrow("SELECT * FROM relay.apps WHERE id = $1", name)
+    if row is None:
+        raise PlanError(f"no app named {name!r}: see relay app list")
+    return _app(row)
+
+
+async def suspend_app(conn: asyncpg.Connection, name: str) -> AppRecord:
+    """Refuse the app's new connections and close its open ones (within CACHE_SECONDS)."""
+    return await _set_suspended(conn, name, True)
+
+
+async def resume_app(conn: asyncpg.Connection, name: str) -> AppRecord:
+    return await _set_suspended(conn, name, False)
+
+
+async def _set_suspended(conn: asyncpg.Connection, name: str, suspended: bool) -> AppRecord:
+    if name == DEFAULT_APP and suspended:
+        raise PlanError("the default app cannot be suspended")
+    row = await conn.fetchrow(
+        "UPDATE relay.apps SET suspended = $2 WHERE id = $1 RETURNING *", name, suspended
+    )
+    if row is None:
+        raise PlanError(f"no app named {name!r}: see relay app list")
+    return _app(row)
+
+
+async def delete_app(conn: asyncpg.Connection, name: str, unwatch: bool = False) -> None:
+    """Delete an app; refused while it owns watched tables, unless ``unwatch`` them first."""
+    if name == DEFAULT_APP:
+        raise PlanError("the default app cannot be deleted")
+    async with conn.transaction():
+        await get_app(conn, name)
+        tables = await conn.fetch(
+            "SELECT table_oid FROM relay.watched WHERE app = $1 ORDER BY repo FOR UPDATE", name
+        )
+        if tables and not unwatch:
+            raise PlanError(
+                f"app {name!r} still owns {len(tables)} watched table(s): unwatch them "
+                "(relay repo unwatch ... --app) or pass --unwatch"
+            )
+        for t in tables:
+            await conn.execute("SELECT relay.unwatch($1::oid::regclass)", t["table_oid"])
+        await conn.execute("DELETE FROM relay.apps WHERE id = $1", name)
 
 
 async def list_apps(conn: asyncpg.Connection) -> list[AppRecord]:

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import asyncpg
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+from relay.schema import DEFAULT_APP
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 
 
 class RepoError(Exception):
@@ -21,15 +23,25 @@ class RepoError(Exception):
 def quote_table(qualified: str) -> str:
     """'tasks_760_' or 'app.tasks' -> a safely quoted SQL name."""
     parts = qualified.split(".")
-    if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
+    if len(parts) > 2 or not all(_IDENT.fullmatch(p) for p in parts):
         raise RepoError(
             f"not a table name: {qualified!r} (letters, digits and _, optionally SCHEMA.TABLE)"
         )
     return ".".join('"' + p + '"' for p in parts)
 
 
+def app_table(app: str, name: str) -> str:
+    """Where ``relay repo create NAME --app APP`` puts the table: the app's own schema
+    (the default app: the search path, as before apps had schemas)."""
+    table = quote_table(name)
+    if app == DEFAULT_APP or "." in name:
+        return table
+    return '"' + app.replace('"', '""') + '".' + table
+
+
 @dataclass(frozen=True, slots=True)
 class Repo:
+    app: str
     repo: str
     table: str
     id_column: str
@@ -51,14 +63,23 @@ def repo_table_sql(table: str) -> str:
         )"""
 
 
-async def create_repo(conn: asyncpg.Connection, name: str) -> str:
-    """Create a repository table with the standard columns, and watch it. Idempotent."""
-    table = quote_table(name)
-    async with conn.transaction():
-        await conn.execute(repo_table_sql(table))
-        repo: str = await conn.fetchval(
-            "SELECT relay.watch($1::regclass, 'id', 'owner_id', 'account_id')", table
-        )
+async def create_repo(conn: asyncpg.Connection, name: str, app: str = DEFAULT_APP) -> str:
+    """Create a repository table with the standard columns, and watch it for ``app``.
+
+    Idempotent. A table of an app other than the default lives in that app's
+    own schema, created when missing.
+    """
+    table = app_table(app, name)
+    try:
+        async with conn.transaction():
+            if table.count('"."') == 1 and app != DEFAULT_APP:
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {table.split('.', 1)[0]}")
+            await conn.execute(repo_table_sql(table))
+            repo: str = await conn.fetchval(
+                "SELECT relay.watch($1::regclass, 'id', 'owner_id', 'account_id', $2)", table, app
+            )
+    except (asyncpg.RaiseError, asyncpg.UniqueViolationError) as err:
+        raise RepoError(str(err)) from None
     return repo
 
 
@@ -68,15 +89,17 @@ async def watch(
     id_column: str = "id",
     owner_column: str | None = None,
     account_column: str | None = None,
+    app: str = DEFAULT_APP,
 ) -> str:
     table = quote_table(name)
     try:
         repo: str = await conn.fetchval(
-            "SELECT relay.watch($1::regclass, $2, $3, $4)",
+            "SELECT relay.watch($1::regclass, $2, $3, $4, $5)",
             table,
             id_column,
             owner_column,
             account_column,
+            app,
         )
     except (asyncpg.UndefinedTableError, asyncpg.RaiseError, asyncpg.UniqueViolationError) as err:
         raise RepoError(str(err)) from None
@@ -92,12 +115,21 @@ async def unwatch(conn: asyncpg.Connection, name: str) -> bool:
     return removed
 
 
-async def list_repos(conn: asyncpg.Connection) -> list[Repo]:
+async def list_repos(conn: asyncpg.Connection, app: str | None = None) -> list[Repo]:
     rows = await conn.fetch(
-        "SELECT repo, table_oid::text AS tbl, id_column, owner_column, account_column, mode"
-        " FROM relay.watched ORDER BY repo"
+        "SELECT app, repo, table_oid::text AS tbl, id_column, owner_column, account_column, mode"
+        " FROM relay.watched WHERE $1::text IS NULL OR app = $1 ORDER BY app, repo",
+        app,
     )
     return [
-        Repo(r["repo"], r["tbl"], r["id_column"], r["owner_column"], r["account_column"], r["mode"])
+        Repo(
+            r["app"],
+            r["repo"],
+            r["tbl"],
+            r["id_column"],
+            r["owner_column"],
+            r["account_column"],
+            r["mode"],
+        )
         for r in rows
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -46,11 +47,20 @@ apps = Table(
     # Allowed Origin header values; empty means any origin.
     Column("origins", ARRAY(Text), nullable=False, server_default="{}"),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # How the app's session tokens are verified: one of the three keys (none:
+    # the relay's own key, with 'aud' required), the audience and issuer.
+    Column("jwt_secret", Text),
+    Column("jwt_public_key", Text),
+    Column("jwks_url", Text),
+    Column("audience", Text),
+    Column("issuer", Text),
+    Column("suspended", Boolean, nullable=False, server_default="false"),
 )
 
 watched = Table(
     "watched",
     metadata,
+    Column("app", Text, ForeignKey(apps.c.id), primary_key=True, server_default=DEFAULT_APP),
     Column("repo", Text, primary_key=True),
     Column("table_oid", Text, nullable=False),
     Column("id_column", Text, nullable=False),
@@ -66,6 +76,7 @@ events = Table(
     metadata,
     Column("seq", BigInteger, nullable=False),
     Column("xid", Text, nullable=False),
+    Column("app", Text, nullable=False, server_default=DEFAULT_APP),
     Column("repo", Text, nullable=False),
     Column("op", Text, nullable=False),
     Column("row_id", JSON),

@@ -18,7 +18,7 @@ import asyncpg
 from aiohttp import WSMsgType, web
 
 from relay import protocol, sessions
-from relay.auth import TokenVerifier, new_socket_token, same_token
+from relay.auth import TokenRejected, TokenVerifier, load_public_key, new_socket_token, same_token
 from relay.broker import Broker, BrokerError, create_broker
 from relay.config import Settings
 from relay.dbhub import DbHub, Position
@@ -26,9 +26,10 @@ from relay.dbjoin import join_db
 from relay.hub import Hub, Socket
 from relay.limits import socket_limits
 from relay.listener import Listener
-from relay.plans import App, AppDirectory, AppsUnavailable
+from relay.plans import DELETED, SUSPENDED, App, AppDirectory, AppsUnavailable
 from relay.pool import Database
 from relay.protocol import ClientFrame, CloseCode, InvalidToken, RelayError
+from relay.schema import DEFAULT_APP
 
 log = logging.getLogger("relay.ws")
 
@@ -53,7 +54,8 @@ PRUNE_TIMEOUT = 300.0
 class RelayState:
     settings: Settings
     database_url: str
-    verifier: TokenVerifier
+    verifier: TokenVerifier  # the default app's
+    jwt_secret: str | None = None
     hub: Hub = field(init=False)
     dbhub: DbHub = field(default_factory=DbHub)
     broker: Broker = field(init=False)
@@ -89,8 +91,8 @@ class RelayState:
         self.db_outage = None
         self.db_announced = True
         told = 0
-        for repo, subs in self.dbhub.repos.items():
-            channel = protocol.DB_CHANNEL_PREFIX + repo
+        for subs in self.dbhub.repos.values():
+            channel = protocol.DB_CHANNEL_PREFIX + subs.repo
             for s in subs.everyone:
                 s.reply("error", DB_DELAYED, channel=channel)
                 told += 1
@@ -105,8 +107,13 @@ def create_app(settings: Settings, database_url: str, jwt_secret: str | None) ->
         secret=jwt_secret,
         public_key=settings.jwt_public_key,
         account_claim=settings.jwt_account_claim,
+        # The default app takes tokens without 'aud', or naming it.
+        audience=DEFAULT_APP,
+        max_ttl_seconds=settings.jwt_max_ttl_seconds,
     )
-    state = RelayState(settings=settings, database_url=database_url, verifier=verifier)
+    state = RelayState(
+        settings=settings, database_url=database_url, verifier=verifier, jwt_secret=jwt_secret
+    )
     app = web.Application()
     app[STATE] = state
     app.router.add_get("/ws", websocket)
@@ -119,7 +126,14 @@ def create_app(settings: Settings, database_url: str, jwt_secret: str | None) ->
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     state.db = await Database.connect(state.database_url)
-    state.apps = AppDirectory(state.db, state.settings.max_connections)
+    public_key = state.settings.jwt_public_key
+    state.apps = AppDirectory(
+        state.db,
+        state.settings.max_connections,
+        default_verifier=state.verifier,
+        default_secret=None if public_key else state.jwt_secret,
+        default_public_key=load_public_key(public_key) if public_key else None,
+    )
     await state.broker.start()
     state.listener = Listener(
         state.database_url,
@@ -129,12 +143,16 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         on_state=state.db_state_changed,
     )
     await state.listener.start()
-    pruner = asyncio.create_task(_prune_forever(state), name="relay-pruner")
+    chores = [
+        asyncio.create_task(_prune_forever(state), name="relay-pruner"),
+        asyncio.create_task(_check_apps_forever(state), name="relay-app-check"),
+    ]
     log.info("relay ready")
     yield
-    pruner.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await pruner
+    for chore in chores:
+        chore.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await chore
     await state.listener.stop()
     if state.db_outage is not None:
         state.db_outage.cancel()
@@ -161,6 +179,33 @@ async def _prune_forever(state: RelayState) -> None:
             continue
         if removed:
             log.info("event log pruned events=%d", removed)
+
+
+async def _check_apps_forever(state: RelayState) -> None:
+    """Close the open sockets of apps suspended or deleted since they connected."""
+    assert state.apps is not None
+    while True:
+        await asyncio.sleep(state.settings.app_check_seconds)
+        open_apps = {s.app_id for s in state.hub.sockets.values()}
+        if not open_apps:
+            continue
+        try:
+            suspended = await state.apps.states(open_apps)
+        except DB_DOWN_ERRORS as err:
+            log.warning("app check failed error=%s", type(err).__name__)
+            continue
+        ended = {a: DELETED for a in open_apps if a not in suspended}
+        ended.update({a: SUSPENDED for a, off in suspended.items() if off})
+        ended.pop(DEFAULT_APP, None)  # it is not in the table only on a broken install
+        if not ended:
+            continue
+        state.apps.forget()
+        for socket in list(state.hub.sockets.values()):
+            reason = ended.get(socket.app_id)
+            if reason is not None:
+                socket.reply("error", reason)
+                socket.close(CloseCode.POLICY, reason.split(":")[0])
+        log.warning("apps ended apps=%s", ",".join(sorted(ended)))
 
 
 async def _close_sockets(app: web.Application) -> None:
@@ -214,6 +259,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         return ws
     if app is None:
         await _refuse(ws, "unknown app: no app has this public key")
+        return ws
+    if app.suspended:
+        log.info("connection refused app=%s reason=suspended", app.id)
+        await _refuse(ws, SUSPENDED)
         return ws
     if app.max_connections is not None and state.per_app.get(app.id, 0) >= app.max_connections:
         log.info("connection refused app=%s reason=limit cap=%s", app.id, app.max_connections)
@@ -336,9 +385,21 @@ async def on_echo(state: RelayState, app: App, socket: Socket, frame: ClientFram
 
 
 async def on_auth(state: RelayState, app: App, socket: Socket, frame: ClientFrame) -> None:
-    identity = state.verifier.verify(frame.data or "")
-    if identity is None:
+    assert state.apps is not None
+    try:  # the app as it is now: its keys may have changed since the socket connected
+        current = await state.apps.lookup(app.public_key or "")
+    except AppsUnavailable:
+        current = app
+    if current is None or current.id != app.id:
+        raise RelayError(DELETED, close_code=CloseCode.POLICY)
+    if current.verifier is None:
+        log.info("auth refused sid=%s app=%s reason=no-key", socket.id, app.id)
         raise InvalidToken()
+    try:
+        identity = await current.verifier.verify_async(frame.data or "")
+    except TokenRejected as err:
+        log.info("auth refused sid=%s app=%s reason=%s", socket.id, app.id, err)
+        raise InvalidToken() from None
     previous = socket.identity
     socket.identity = identity
     socket.token = new_socket_token()

@@ -88,14 +88,14 @@ $$;
 -- The events of ticks after_tick+1 .. upto_tick, in order, with their tick.
 CREATE OR REPLACE FUNCTION relay.events_between(after_tick bigint, upto_tick bigint)
 RETURNS TABLE (
-    tick bigint, seq bigint, repo text, op text, row_id text,
+    tick bigint, seq bigint, app text, repo text, op text, row_id text,
     owner_id text, account_id text, old_owner_id text, old_account_id text, data text
 )
 LANGUAGE sql STABLE
 SET plan_cache_mode = force_custom_plan
 SET enable_seqscan = off
 AS $$
-    SELECT t.id, e.seq, e.repo, e.op::text, e.row_id::text,
+    SELECT t.id, e.seq, e.app, e.repo, e.op::text, e.row_id::text,
            e.owner_id, e.account_id, e.old_owner_id, e.old_account_id, e.data::text
     FROM (
         SELECT id, snapshot, lag(snapshot) OVER (ORDER BY id) AS prev
@@ -115,17 +115,18 @@ AS $$
     ORDER BY t.id, e.seq
 $$;
 
--- One page of a replay: the events of repository "only_repo" after position
+-- One page of a replay: the events of app only_app's repository only_repo after position
 -- (after_tick, after_seq) up to tick upto_tick, in order, at most max_rows.
 -- after_seq NULL means after the whole of after_tick. A replay calls this
 -- page after page, each time from the last event it got, and holds no
 -- transaction in between. A page that would start in ticks pruned meanwhile
 -- raises instead of silently skipping them.
 CREATE OR REPLACE FUNCTION relay.events_page(
-    after_tick bigint, after_seq bigint, upto_tick bigint, max_rows integer, only_repo text
+    after_tick bigint, after_seq bigint, upto_tick bigint, max_rows integer,
+    only_app text, only_repo text
 )
 RETURNS TABLE (
-    tick bigint, seq bigint, repo text, op text, row_id text,
+    tick bigint, seq bigint, app text, repo text, op text, row_id text,
     owner_id text, account_id text, old_owner_id text, old_account_id text, data text
 )
 LANGUAGE plpgsql STABLE
@@ -160,14 +161,14 @@ BEGIN
         ORDER BY w.id
     LOOP
         RETURN QUERY
-            SELECT t.id, e.seq, e.repo, e.op::text, e.row_id::text,
+            SELECT t.id, e.seq, e.app, e.repo, e.op::text, e.row_id::text,
                    e.owner_id, e.account_id, e.old_owner_id, e.old_account_id, e.data::text
             FROM relay.events e
             WHERE e.xid >= pg_snapshot_xmin(t.prev)
               AND e.xid < pg_snapshot_xmax(t.snapshot)
               AND pg_visible_in_snapshot(e.xid, t.snapshot)
               AND NOT pg_visible_in_snapshot(e.xid, t.prev)
-              AND e.repo = only_repo
+              AND e.repo = only_repo AND e.app = only_app
               AND (t.id > after_tick OR e.seq > after_seq)
             ORDER BY e.seq
             LIMIT wanted;
@@ -184,7 +185,7 @@ $$;
 -- only "upto" set is returned.
 CREATE OR REPLACE FUNCTION relay.poll(after_tick bigint, max_rows integer)
 RETURNS TABLE (
-    upto bigint, tick bigint, seq bigint, repo text, op text, row_id text,
+    upto bigint, tick bigint, seq bigint, app text, repo text, op text, row_id text,
     owner_id text, account_id text, old_owner_id text, old_account_id text, data text
 )
 LANGUAGE plpgsql VOLATILE
@@ -202,7 +203,7 @@ BEGIN
         END IF;
     END IF;
     RETURN QUERY SELECT newest, NULL::bigint, NULL::bigint, NULL::text, NULL::text, NULL::text,
-                        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text;
+                        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text;
 END;
 $$;
 
@@ -249,36 +250,114 @@ BEGIN
 END;
 $$;
 
--- Start capturing changes of a table. Idempotent: watching again replaces
--- the triggers (for instance with other columns). The repository name is the
--- table's name; its permission suffix _OGE_ (default 740) sets who may read.
+-- Write (or rewrite) the capture function of one watched table from its
+-- relay.watched row. It runs as its owner, the relay's role (SECURITY
+-- DEFINER, with a fixed search_path), so writers need no privilege on the
+-- relay schema and none can append an event of their own: relay.events is
+-- written by capture functions only. Column names are quoted with %I.
+CREATE OR REPLACE FUNCTION relay.write_capture(tbl regclass) RETURNS text
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    w relay.watched%ROWTYPE;
+    new_owner text;
+    new_account text;
+    old_owner text;
+    old_account text;
+BEGIN
+    SELECT * INTO w FROM relay.watched WHERE table_oid = tbl;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table % is not watched', tbl;
+    END IF;
+    new_owner := CASE WHEN w.owner_column IS NULL THEN 'NULL::text'
+                      ELSE format('n.%I::text', w.owner_column) END;
+    new_account := CASE WHEN w.account_column IS NULL THEN 'NULL::text'
+                        ELSE format('n.%I::text', w.account_column) END;
+    old_owner := CASE WHEN w.owner_column IS NULL THEN 'NULL::text'
+                      ELSE format('o.%I::text', w.owner_column) END;
+    old_account := CASE WHEN w.account_column IS NULL THEN 'NULL::text'
+                        ELSE format('o.%I::text', w.account_column) END;
+    -- One generated function per table, with the column names written in,
+    -- so PostgreSQL plans each statement once and keeps the plan.
+    EXECUTE format($f$
+        CREATE OR REPLACE FUNCTION relay.%1$I() RETURNS trigger
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                INSERT INTO relay.events (xid, app, repo, op, row_id, owner_id, account_id, data)
+                SELECT pg_current_xact_id(), %8$L, %2$L, 'c', to_json(n.%3$I), %4$s, %5$s,
+                       row_to_json(n)
+                FROM new_rows n;
+            ELSIF TG_OP = 'UPDATE' THEN
+                INSERT INTO relay.events (xid, app, repo, op, row_id, owner_id, account_id,
+                                          old_owner_id, old_account_id, data)
+                SELECT pg_current_xact_id(), %8$L, %2$L,
+                       CASE WHEN o.%3$I IS NULL THEN 'c' WHEN n.%3$I IS NULL THEN 'd' ELSE 'u' END,
+                       to_json(coalesce(n.%3$I, o.%3$I)),
+                       CASE WHEN n.%3$I IS NULL THEN %6$s ELSE %4$s END,
+                       CASE WHEN n.%3$I IS NULL THEN %7$s ELSE %5$s END,
+                       %6$s, %7$s,
+                       CASE WHEN n.%3$I IS NULL THEN NULL ELSE row_to_json(n) END
+                FROM old_rows o FULL JOIN new_rows n ON o.%3$I = n.%3$I;
+            ELSE
+                INSERT INTO relay.events (xid, app, repo, op, row_id, owner_id, account_id)
+                SELECT pg_current_xact_id(), %8$L, %2$L, 'd', to_json(o.%3$I), %6$s, %7$s
+                FROM old_rows o;
+            END IF;
+            -- A fresh snapshot (this is a new statement): see the listeners' flags now.
+            IF FOUND AND EXISTS (SELECT 1 FROM relay.listeners WHERE sleeping) THEN
+                PERFORM pg_notify('relay_events', '');
+            END IF;
+            RETURN NULL;
+        END;
+        $body$
+    $f$, w.capture_function, w.repo, w.id_column, new_owner, new_account,
+         old_owner, old_account, w.app);
+    -- Executing the capture function is the trigger's business only.
+    EXECUTE format('REVOKE ALL ON FUNCTION relay.%I() FROM PUBLIC', w.capture_function);
+    RETURN w.capture_function;
+END;
+$$;
+
+-- Start capturing changes of a table for an app. Idempotent: watching again
+-- replaces the triggers (for instance with other columns). The repository
+-- name is the table's name, unique within the app; its permission suffix
+-- _OGE_ (default 740) sets who may read.
 CREATE OR REPLACE FUNCTION relay.watch(
     tbl regclass,
     id_column text DEFAULT 'id',
     owner_column text DEFAULT NULL,
-    account_column text DEFAULT NULL
+    account_column text DEFAULT NULL,
+    app text DEFAULT 'default'
 ) RETURNS text
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     tbl_name text;
     repo_mode text;
     fn text;
-    owner_expr text;
-    account_expr text;
-    old_owner_expr text;
-    old_account_expr text;
+    col text;
 BEGIN
     SELECT c.relname INTO tbl_name FROM pg_class c WHERE c.oid = tbl;
-    IF EXISTS (SELECT 1 FROM relay.watched w WHERE w.repo = tbl_name AND w.table_oid <> tbl) THEN
-        RAISE EXCEPTION 'another table named % is already watched: repositories are named '
-                        'by table name, so unwatch it first', tbl_name;
+    IF NOT EXISTS (SELECT 1 FROM relay.apps a WHERE a.id = watch.app) THEN
+        RAISE EXCEPTION 'no app named %', watch.app;
     END IF;
+    IF EXISTS (SELECT 1 FROM relay.watched w
+               WHERE w.app = watch.app AND w.repo = tbl_name AND w.table_oid <> tbl) THEN
+        RAISE EXCEPTION 'another table named % is already watched for app %: repositories '
+                        'are named by table name, so unwatch it first', tbl_name, watch.app;
+    END IF;
+    IF EXISTS (SELECT 1 FROM relay.watched w WHERE w.table_oid = tbl AND w.app <> watch.app) THEN
+        RAISE EXCEPTION 'table % is watched for another app: unwatch it there first', tbl;
+    END IF;
+    -- The whole name must end in the suffix (no trailing newline or space).
     repo_mode := coalesce(substring(tbl_name from '_([0-7]{3})_$'), '740');
-    PERFORM 1 FROM pg_attribute
-     WHERE attrelid = tbl AND attname = id_column AND attnum > 0 AND NOT attisdropped;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'table % has no column %', tbl, id_column;
-    END IF;
+    FOREACH col IN ARRAY ARRAY[id_column, owner_column, account_column] LOOP
+        CONTINUE WHEN col IS NULL;
+        PERFORM 1 FROM pg_attribute
+         WHERE attrelid = tbl AND attname = col AND attnum > 0 AND NOT attisdropped;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'table % has no column %', tbl, col;
+        END IF;
+    END LOOP;
     -- Updates pair old and new rows by id, so the id must identify one row.
     IF NOT EXISTS (
         SELECT 1 FROM pg_index i JOIN pg_attribute a
@@ -290,47 +369,14 @@ BEGIN
                         'or unique index of its own', id_column, tbl;
     END IF;
     fn := 'capture_' || tbl::oid;
-    owner_expr := CASE WHEN owner_column IS NULL THEN 'NULL::text'
-                       ELSE format('n.%I::text', owner_column) END;
-    account_expr := CASE WHEN account_column IS NULL THEN 'NULL::text'
-                         ELSE format('n.%I::text', account_column) END;
-    old_owner_expr := replace(owner_expr, 'n.', 'o.');
-    old_account_expr := replace(account_expr, 'n.', 'o.');
-
-    -- One generated function per table, with the column names written in,
-    -- so PostgreSQL plans each statement once and keeps the plan.
-    EXECUTE format($f$
-        CREATE OR REPLACE FUNCTION relay.%1$I() RETURNS trigger
-        LANGUAGE plpgsql AS $body$
-        BEGIN
-            IF TG_OP = 'INSERT' THEN
-                INSERT INTO relay.events (xid, repo, op, row_id, owner_id, account_id, data)
-                SELECT pg_current_xact_id(), %2$L, 'c', to_json(n.%3$I), %4$s, %5$s, row_to_json(n)
-                FROM new_rows n;
-            ELSIF TG_OP = 'UPDATE' THEN
-                INSERT INTO relay.events (xid, repo, op, row_id, owner_id, account_id,
-                                          old_owner_id, old_account_id, data)
-                SELECT pg_current_xact_id(), %2$L,
-                       CASE WHEN o.%3$I IS NULL THEN 'c' WHEN n.%3$I IS NULL THEN 'd' ELSE 'u' END,
-                       to_json(coalesce(n.%3$I, o.%3$I)),
-                       CASE WHEN n.%3$I IS NULL THEN %6$s ELSE %4$s END,
-                       CASE WHEN n.%3$I IS NULL THEN %7$s ELSE %5$s END,
-                       %6$s, %7$s,
-                       CASE WHEN n.%3$I IS NULL THEN NULL ELSE row_to_json(n) END
-                FROM old_rows o FULL JOIN new_rows n ON o.%3$I = n.%3$I;
-            ELSE
-                INSERT INTO relay.events (xid, repo, op, row_id, owner_id, account_id)
-                SELECT pg_current_xact_id(), %2$L, 'd', to_json(o.%3$I), %6$s, %7$s
-                FROM old_rows o;
-            END IF;
-            -- A fresh snapshot (this is a new statement): see the listeners' flags now.
-            IF FOUND AND EXISTS (SELECT 1 FROM relay.listeners WHERE sleeping) THEN
-                PERFORM pg_notify('relay_events', '');
-            END IF;
-            RETURN NULL;
-        END;
-        $body$
-    $f$, fn, tbl_name, id_column, owner_expr, account_expr, old_owner_expr, old_account_expr);
+    INSERT INTO relay.watched (app, repo, table_oid, id_column, owner_column, account_column,
+                               mode, capture_function)
+    VALUES (watch.app, tbl_name, tbl, id_column, owner_column, account_column, repo_mode, fn)
+    ON CONFLICT ON CONSTRAINT watched_pkey DO UPDATE
+       SET table_oid = EXCLUDED.table_oid, id_column = EXCLUDED.id_column,
+           owner_column = EXCLUDED.owner_column, account_column = EXCLUDED.account_column,
+           mode = EXCLUDED.mode, capture_function = EXCLUDED.capture_function;
+    PERFORM relay.write_capture(tbl);
 
     EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_insert ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_update ON %s', tbl);
@@ -344,14 +390,6 @@ BEGIN
     EXECUTE format('CREATE TRIGGER relay_capture_delete AFTER DELETE ON %s
                     REFERENCING OLD TABLE AS old_rows
                     FOR EACH STATEMENT EXECUTE FUNCTION relay.%I()', tbl, fn);
-
-    INSERT INTO relay.watched (repo, table_oid, id_column, owner_column, account_column,
-                               mode, capture_function)
-    VALUES (tbl_name, tbl, id_column, owner_column, account_column, repo_mode, fn)
-    ON CONFLICT (repo) DO UPDATE
-       SET table_oid = EXCLUDED.table_oid, id_column = EXCLUDED.id_column,
-           owner_column = EXCLUDED.owner_column, account_column = EXCLUDED.account_column,
-           mode = EXCLUDED.mode, capture_function = EXCLUDED.capture_function;
     RETURN tbl_name;
 END;
 $$;
@@ -373,3 +411,13 @@ BEGIN
     RETURN fn IS NOT NULL;
 END;
 $$;
+
+-- Only capture functions write the log (they run as the relay's role); no
+-- other role reads or writes relay's tables unless a DBA grants it.
+REVOKE ALL ON ALL TABLES IN SCHEMA relay FROM PUBLIC;
+
+-- Bring every watched table's capture function to this release (no lock on
+-- the tables: only the functions are replaced, the triggers stay).
+SELECT relay.write_capture(w.table_oid)
+FROM relay.watched w
+WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = w.table_oid);

@@ -218,6 +218,11 @@ async def repo(db: asyncpg.Connection) -> RepoFactory:
     return RepoFactory(db)
 
 
+def app_token(app: Any, user: str, account: str | None = None, **kw: Any) -> str:
+    """A session token of an app made with ``relay.plans.create_app`` (its own secret)."""
+    return mint_token(app.jwt_secret, user, account or "", audience=app.id, **kw)
+
+
 def random_name(prefix: str = "room") -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from relay.auth import (
     Identity,
+    TokenRejected,
     TokenVerifier,
     mint_token,
     new_socket_token,
@@ -113,11 +114,59 @@ def test_minted_token_is_hs256_with_sub_account_iat_exp():
     assert "role" not in payload
 
 
-def test_token_without_ttl_has_no_expiry(verifier):
-    token = mint_token(SECRET, "alice", "acme", ttl_seconds=None)
-    assert "exp" not in jwt.decode(token, SECRET, algorithms=["HS256"])
-    ident = verifier.verify(token)
-    assert ident is not None and ident.expires_at is None
+def test_token_without_exp_is_refused(verifier):
+    """A session that never ends cannot be paused or cut: exp is required."""
+    no_exp = claims()
+    del no_exp["exp"]
+    token = jwt.encode(no_exp, SECRET, algorithm="HS256")
+    with pytest.raises(TokenRejected, match="exp"):
+        verifier.check(token)
+
+
+@pytest.mark.parametrize(
+    "exp", [str(int(time.time()) + 600), 10**400, True, [1], {"n": 1}, float("nan")]
+)
+def test_malformed_exp_is_invalid_not_a_crash(verifier, exp):
+    """A numeric string would pass PyJWT but never arm the expiry timer; 10**400 overflowed."""
+    body = b64url_json(claims(exp=0)).encode()
+    if isinstance(exp, int) and not isinstance(exp, bool) and exp > 2**64:
+        body = b64url(('{"sub":"alice","exp":' + str(exp) + "}").encode()).encode()
+    elif isinstance(exp, float):
+        body = b64url(b'{"sub":"alice","exp":NaN}').encode()
+    else:
+        body = b64url_json(claims(exp=exp)).encode()
+    token = hs256_by_hand({"alg": "HS256", "typ": "JWT"}, {}, SECRET.encode())
+    head = token.split(".")[0]
+    signing_input = head.encode() + b"." + body
+    mac = hmac.HMAC(SECRET.encode(), hashes.SHA256())
+    mac.update(signing_input)
+    forged = signing_input.decode() + "." + b64url(mac.finalize())
+    assert verifier.verify(forged) is None
+
+
+def test_max_lifetime(verifier):
+    bounded = TokenVerifier(secret=SECRET, max_ttl_seconds=3600)
+    assert bounded.verify(mint_token(SECRET, "alice", "acme", ttl_seconds=3000)) is not None
+    with pytest.raises(TokenRejected, match="longer"):
+        bounded.check(mint_token(SECRET, "alice", "acme", ttl_seconds=7200))
+
+
+def test_audience_and_issuer():
+    """A token naming an audience must name this one; one naming none passes unless required."""
+    plain = TokenVerifier(secret=SECRET, audience="shop", issuer="https://idp.example")
+    iss = {"iss": "https://idp.example"}
+    assert plain.verify(jwt.encode(claims(aud="shop", **iss), SECRET)) is not None
+    assert plain.verify(jwt.encode(claims(**iss), SECRET)) is not None
+    with pytest.raises(TokenRejected, match="audience"):
+        plain.check(jwt.encode(claims(aud="blog", **iss), SECRET))
+    with pytest.raises(TokenRejected):
+        plain.check(jwt.encode(claims(aud="shop", iss="https://other.example"), SECRET))
+    with pytest.raises(TokenRejected):
+        plain.check(jwt.encode(claims(aud="shop"), SECRET))  # no iss at all
+    strict = TokenVerifier(secret=SECRET, audience="shop", audience_required=True)
+    assert strict.verify(jwt.encode(claims(aud=["blog", "shop"]), SECRET)) is not None
+    with pytest.raises(TokenRejected, match="aud"):
+        strict.check(jwt.encode(claims(), SECRET))
 
 
 def test_expired_token_is_refused(verifier):
@@ -244,7 +293,7 @@ def test_other_roles_are_not_root(verifier, role):
 
 
 def test_verifier_needs_a_key():
-    with pytest.raises(ValueError, match="secret or public key"):
+    with pytest.raises(ValueError, match="secret, public key or JWKS URL"):
         TokenVerifier()
 
 
@@ -342,6 +391,8 @@ def test_parse_ttl_refuses_garbage(text):
 
 @pytest.mark.parametrize("claim", [{"x": 1}, ["1"], 1.5, ""])
 def test_non_scalar_account_claim_gives_no_account(verifier, claim):
-    token = jwt.encode({"sub": "u", "account_id": claim}, SECRET, algorithm="HS256")
+    token = jwt.encode(
+        {"sub": "u", "account_id": claim, "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"
+    )
     identity = verifier.verify(token)
     assert identity is not None and identity.account_id is None

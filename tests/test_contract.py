@@ -67,9 +67,20 @@ async def expect_echo_works(c: WsClient, text: str = "still here") -> None:
 async def member(relay_handle: RelayHandle, client, user: str, channel: str, **kw) -> WsClient:
     """A client that connected, authenticated and joined ``channel``."""
     c = await client(relay_handle, **kw)
-    await c.auth(relay_handle.token(user, "acct"))
+    key = kw.get("pk") or kw.get("headers", {}).get("SB-PUBLIC-KEY")
+    await c.auth(relay_handle.token(user, "acct", audience=await app_id(relay_handle, key)))
     await c.join(channel)
     return c
+
+
+async def app_id(relay_handle: RelayHandle, public_key: str | None) -> str | None:
+    """The id of the app a public key names (its tokens must name it in 'aud')."""
+    if not public_key:
+        return None
+    assert relay_handle.state.apps is not None
+    app = await relay_handle.state.apps.lookup(public_key)
+    assert app is not None
+    return app.id
 
 
 async def expect_close(c: WsClient, code: int) -> None:

@@ -162,7 +162,7 @@ def test_reauth_as_another_user_reindexes_and_unsubscribe_cleans_every_index(hub
     assert [f["type"] for f in sent(a)] == ["db_created"]
     for sock in s.values():
         h.unsubscribe(sock, "tasks_760_")
-    assert "tasks_760_" not in h.repos
+    assert h.subscribers("default", "tasks_760_") is None
 
 
 async def test_held_frames_are_bounded_by_the_send_queue_bytes() -> None:
@@ -178,5 +178,5 @@ async def test_held_frames_are_bounded_by_the_send_queue_bytes() -> None:
         if late.closing:
             break
     assert late.closing
-    assert "tasks_760_" not in h.repos  # dropped from every index, once
+    assert h.subscribers("default", "tasks_760_") is None  # dropped from every index, once
     await asyncio.sleep(0)  # let the close task run to completion

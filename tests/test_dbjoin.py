@@ -177,20 +177,25 @@ async def test_resumes_that_drop_off_leave_the_pool_free(relay, client, db, repo
     assert state.db is not None
 
     async def replays_waiting() -> bool:
-        # Every phone's replay is now blocked on its full send queue.
-        subs = state.dbhub.repos.get(table)
-        return subs is not None and len(subs.catching_up) == len(phones)
+        # Every phone's replay is blocked on its full send queue, and waiting on
+        # a client holds no database connection.
+        subs = state.dbhub.subscribers("default", table)
+        return (
+            subs is not None
+            and len(subs.catching_up) == len(phones)
+            and not any(s.has_room for s in subs.catching_up)
+            and state.db is not None
+            and state.db.stats()["in_use"] == 0
+        )
 
     await _eventually(replays_waiting, "all replays waiting on their clients")
-    # Waiting on a client never holds a database connection or a transaction.
-    assert state.db.stats()["in_use"] == 0
-    assert await _idle_in_transaction(db) == 0
+    assert await _idle_in_transaction(db) == 0  # nor a transaction
 
     for phone in phones:
         phone.vanish()
 
     async def all_gone() -> bool:
-        return not state.hub.sockets and table not in state.dbhub.repos
+        return not state.hub.sockets and state.dbhub.subscribers("default", table) is None
 
     await _eventually(all_gone, "the relay forgot every vanished phone")
     assert state.db.stats()["in_use"] == 0
@@ -222,7 +227,7 @@ async def test_a_resume_that_stops_reading_is_cut_off(relay, client, db, repo) -
     state = handle.state
 
     async def cut_off() -> bool:
-        return table not in state.dbhub.repos
+        return state.dbhub.subscribers("default", table) is None
 
     await _eventually(cut_off, "the stalled replay was given up")
     assert state.db is not None and state.db.stats()["in_use"] == 0
@@ -255,6 +260,8 @@ async def test_a_wedged_pool_fails_the_health_check(relay, client) -> None:
     state = handle.state
     assert state.db is not None
     state.db.stuck_seconds = 0.2
+    waiter = await client(handle)
+    await waiter.auth(handle.token("w", "acct"))
     holders = [state.db.acquire() for _ in range(state.db.max_size)]
     for holder in holders:
         await holder.__aenter__()
@@ -265,8 +272,6 @@ async def test_a_wedged_pool_fails_the_health_check(relay, client) -> None:
                 assert resp.status == 503
                 assert (await resp.json())["status"] == "wedged"
             # Work that needs the pool fails in bounded time instead of hanging.
-            waiter = await client(handle)
-            await waiter.auth(handle.token("w", "acct"))
             await waiter.send(type="join", data="db-anything", token=waiter.token)
             error = await waiter.expect("error", timeout=state.db.acquire_timeout + 5)
             assert "try again shortly" in error["data"]

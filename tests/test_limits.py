@@ -21,7 +21,7 @@ from aiohttp import WSMsgType
 
 from relay import plans
 from relay.protocol import CloseCode
-from tests.conftest import RelayHandle, WsClient, random_name
+from tests.conftest import RelayHandle, WsClient, app_token, random_name
 
 CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 
@@ -69,7 +69,9 @@ async def new_app(
 ) -> plans.AppRecord:
     suffix = secrets.token_hex(4)
     plan = await plans.create_plan(db, f"plan-{suffix}", **plan_caps)
-    return await plans.create_app(db, f"app-{suffix}", plan=plan.name, origins=origins)
+    app = await plans.create_app(db, f"app-{suffix}", plan=plan.name, origins=origins)
+    assert app.jwt_secret is not None
+    return app
 
 
 # --- connection caps --------------------------------------------------------------------------
@@ -124,8 +126,9 @@ async def test_apps_do_not_share_channels(relay, client, db):
     room = random_name()
     inside = await client(r, pk=app.public_key)
     outside = await client(r)
+    await inside.auth(app_token(app, "u", "1"))
+    await outside.auth(r.token("u", "1"))
     for c in (inside, outside):
-        await c.auth(r.token("u", "1"))
         await c.join(room)
     await outside.publish(room, "default app only")
     assert (await outside.expect("chan_out"))["data"] == "default app only"
@@ -270,7 +273,7 @@ async def test_plan_sets_channels_per_socket(relay, client, db):
     assert app.public_key is not None
     r = await relay()
     c = await client(r, pk=app.public_key)
-    await c.auth(r.token("u", "1"))
+    await c.auth(app_token(app, "u", "1"))
     await c.join(random_name())
     await c.send(type="join", data=random_name(), token=c.token)
     assert "at most 1" in (await c.expect("error"))["data"]
