@@ -37,6 +37,10 @@ class Settings:
     jwt_secret: str | None = None
     jwt_public_key: str | None = None
     jwt_account_claim: str = "account_id"
+    # The default app's expected 'iss' and 'aud' (None: 'iss' unchecked; 'aud'
+    # may be absent or 'default').
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
     broker_url: str = "memory://"
     max_connections: int | None = None
     migrate: bool = True
@@ -86,6 +90,8 @@ class Settings:
         settings.jwt_secret = env.get("RELAY_JWT_SECRET") or None
         settings.jwt_public_key = env.get("RELAY_JWT_PUBLIC_KEY") or None
         settings.jwt_account_claim = env.get("RELAY_JWT_ACCOUNT_CLAIM") or "account_id"
+        settings.jwt_issuer = env.get("RELAY_JWT_ISSUER") or None
+        settings.jwt_audience = env.get("RELAY_JWT_AUDIENCE") or None
         if env.get("RELAY_JWT_MAX_TTL"):
             settings.jwt_max_ttl_seconds = _duration(env, "RELAY_JWT_MAX_TTL")
         settings.broker_url = env.get("RELAY_BROKER_URL") or "memory://"

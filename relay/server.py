@@ -107,8 +107,11 @@ def create_app(settings: Settings, database_url: str, jwt_secret: str | None) ->
         secret=jwt_secret,
         public_key=settings.jwt_public_key,
         account_claim=settings.jwt_account_claim,
-        # The default app takes tokens without 'aud', or naming it.
-        audience=DEFAULT_APP,
+        # The default app takes tokens without 'aud', or naming it; with
+        # RELAY_JWT_AUDIENCE set, only tokens naming that.
+        audience=settings.jwt_audience or DEFAULT_APP,
+        audience_required=settings.jwt_audience is not None,
+        issuer=settings.jwt_issuer,
         max_ttl_seconds=settings.jwt_max_ttl_seconds,
     )
     state = RelayState(

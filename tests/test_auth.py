@@ -396,3 +396,16 @@ def test_non_scalar_account_claim_gives_no_account(verifier, claim):
     )
     identity = verifier.verify(token)
     assert identity is not None and identity.account_id is None
+
+
+async def test_default_app_checks_configured_issuer_and_audience(relay, client):
+    """RELAY_JWT_ISSUER / RELAY_JWT_AUDIENCE: the default app's tokens must carry both."""
+    r = await relay(jwt_issuer="https://idp.example/", jwt_audience="chat-api")
+    now = int(time.time())
+    good = {"sub": "alice", "exp": now + 60, "iss": "https://idp.example/", "aud": "chat-api"}
+    c = await client(r)
+    await c.auth(jwt.encode(good, r.secret, algorithm="HS256"))
+    for wrong in ({"aud": "other"}, {"iss": "https://evil.example/"}, {"aud": None}):
+        claims_ = {k: v for k, v in {**good, **wrong}.items() if v is not None}
+        await c.send(type="auth", data=jwt.encode(claims_, r.secret, algorithm="HS256"))
+        assert (await c.expect("error"))["data"] == "invalid token"
