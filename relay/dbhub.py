@@ -32,24 +32,44 @@ log = logging.getLogger("relay.db")
 MAX_HELD_FRAMES = 50_000
 DEFAULT_HELD_BYTES = 16 * 1024 * 1024
 
+# Events about a whole repository, told to every subscriber as an ``error``
+# frame (the one type every client already shows) with a fixed text, the
+# event's ``pos`` and a ``reason`` field that programs can match on.
+TRUNCATED = "repository emptied: every row was deleted by TRUNCATE; reload the data"
+DROPPED = (
+    "repository dropped: its table, or a column relay reads, is gone; "
+    "you are no longer subscribed to it"
+)
+NOTICES = {"t": (TRUNCATED, "truncated"), "x": (DROPPED, "dropped")}
+PRUNED = (
+    "events of this channel were pruned before this relay could deliver them: "
+    "reload the data, then join without 'after'"
+)
+
 
 class Held:
-    """Live frames held back for one socket while it replays, bounded in count and size."""
+    """Live frames held back for one socket while it replays, bounded in count and size.
 
-    __slots__ = ("frames", "size")
+    ``cursor`` is the position of the last event whose frames went to the
+    socket's queue (replayed, or released from here): where a subscription
+    paused now must resume from.
+    """
 
-    def __init__(self) -> None:
-        self.frames: deque[str] = deque()
+    __slots__ = ("cursor", "frames", "size")
+
+    def __init__(self, cursor: Position) -> None:
+        self.cursor = cursor
+        self.frames: deque[tuple[Position, str]] = deque()
         self.size = 0
 
-    def hold(self, text: str, max_bytes: int) -> bool:
+    def hold(self, pos: Position, text: str, max_bytes: int) -> bool:
         """Keep one frame; False when that breaks the bounds (the socket is too slow)."""
-        self.frames.append(text)
+        self.frames.append((pos, text))
         self.size += len(text)
         return len(self.frames) <= MAX_HELD_FRAMES and self.size <= max_bytes
 
     def pop(self) -> str:
-        text = self.frames.popleft()
+        self.cursor, text = self.frames.popleft()
         self.size -= len(text)
         return text
 
@@ -164,17 +184,28 @@ class DbHub:
     def subscribers(self, app: str, repo: str) -> RepoSubscribers | None:
         return self.repos.get((app, repo))
 
-    def subscribe(self, socket: Socket, repo: str, catching_up: bool = False) -> None:
-        """Subscribe to ``repo`` of the socket's own app."""
+    def subscribe(self, socket: Socket, repo: str, after: Position | None = None) -> None:
+        """Subscribe to ``repo`` of the socket's own app; with ``after``, as catching up
+        from that position (live frames are held until :meth:`release_some`)."""
         key = (socket.app_id, repo)
         subs = self.repos.get(key)
         if subs is None:
             subs = self.repos[key] = RepoSubscribers(socket.app_id, repo, mode_of(repo))
+        held = subs.catching_up.get(socket)
         subs.remove(socket)  # re-joining (perhaps as another user) re-indexes
         subs.add(socket)
-        if catching_up:
-            subs.catching_up[socket] = Held()
+        if after is not None:
+            subs.catching_up[socket] = Held(after)
+        elif held is not None:  # re-indexed mid-replay: the replay goes on
+            subs.catching_up[socket] = held
         socket.channels.add(protocol.DB_CHANNEL_PREFIX + repo)
+
+    def delivered(self, socket: Socket, repo: str, live: Position) -> Position:
+        """Where the socket's stream of ``repo`` stands: ``live`` (the listener's
+        position) once it is live, else how far its replay has got."""
+        subs = self.repos.get((socket.app_id, repo))
+        held = subs.catching_up.get(socket) if subs is not None else None
+        return held.cursor if held is not None else live
 
     def unsubscribe(self, socket: Socket, repo: str) -> None:
         key = (socket.app_id, repo)
@@ -196,18 +227,50 @@ class DbHub:
         if subs is None:
             return
         channel = protocol.DB_CHANNEL_PREFIX + event.repo
+        notice = NOTICES.get(event.op)
+        if notice is not None:
+            self._notify(subs, event, channel, *notice)
+            return
         for targets, type_, data in audiences(subs, event):
             if targets:
                 tail = protocol.encode_tail(type_, data, channel, pos=event.pos)
-                self._send(subs, targets, tail)
+                self._send(subs, targets, tail, event)
 
-    def _send(self, subs: RepoSubscribers, targets: Iterable[Socket], tail: str) -> None:
+    def _notify(
+        self, subs: RepoSubscribers, event: Event, channel: str, text: str, reason: str
+    ) -> None:
+        tail = protocol.encode_tail("error", text, channel, pos=event.pos, reason=reason)
+        if event.op != "x":
+            self._send(subs, subs.everyone, tail, event)
+            return
+        # Dropped: told at once (held frames go with the subscription), then unsubscribed.
+        everyone = list(subs.everyone)
+        for s in everyone:
+            s.send(protocol.with_sid(s.id, tail))
+        for s in everyone:
+            self.unsubscribe(s, subs.repo)
+        log.info(
+            "repository dropped app=%s repo=%s subscribers=%d", subs.app, subs.repo, len(everyone)
+        )
+
+    def announce_lost(self) -> None:
+        """Events were lost to this relay (pruned unread): every subscriber must reload."""
+        for subs in self.repos.values():
+            channel = protocol.DB_CHANNEL_PREFIX + subs.repo
+            tail = protocol.encode_tail("error", PRUNED, channel, reason="pruned")
+            for s in subs.everyone:
+                s.send(protocol.with_sid(s.id, tail))
+
+    def _send(
+        self, subs: RepoSubscribers, targets: Iterable[Socket], tail: str, event: Event
+    ) -> None:
         held = subs.catching_up
         overflowed = []
         for s in targets:
             text = protocol.with_sid(s.id, tail)
             if held and s in held:
-                if not held[s].hold(text, s.queue_bytes or DEFAULT_HELD_BYTES):
+                pos = Position(event.tick, event.seq)
+                if not held[s].hold(pos, text, s.queue_bytes or DEFAULT_HELD_BYTES):
                     overflowed.append(s)
             else:
                 s.send(text)
@@ -224,9 +287,20 @@ class DbHub:
         """
         subs = self.repos.get((socket.app_id, repo))
         ident = socket.identity
-        if subs is None or socket not in subs.catching_up or ident is None:
+        held = subs.catching_up.get(socket) if subs is not None else None
+        if subs is None or held is None or ident is None:
             return None
+        held.cursor = Position(event.tick, event.seq)
         channel = protocol.DB_CHANNEL_PREFIX + repo
+        notice = NOTICES.get(event.op)
+        if notice is not None:
+            text, reason = notice
+            socket.send(
+                protocol.encode(socket.id, "error", text, channel, pos=event.pos, reason=reason)
+            )
+            if event.op == "x":
+                self.unsubscribe(socket, repo)
+            return 1
         frames = audience_of(subs.mode, ident, event)
         for type_, data in frames:
             socket.send(protocol.encode(socket.id, type_, data, channel, pos=event.pos))

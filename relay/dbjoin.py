@@ -61,7 +61,7 @@ async def join_db(
     admit()
     # Subscribing and reading the listener's position happen in one step of
     # the event loop: whatever is dispatched from now on comes after `upto`.
-    dbhub.subscribe(socket, repo, catching_up=after is not None)
+    dbhub.subscribe(socket, repo, after=after)
     upto = listener.position
     socket.reply("joined", name, channel=name, pos=str(upto))
     if after is None:

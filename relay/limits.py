@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from relay.protocol import RelayError
 
@@ -78,6 +79,8 @@ class SocketLimits:
         self.budget = budget
         # Channels left when the session expired, restored by the next auth.
         self.suspended: list[str] = []
+        # Where each paused db- channel's stream stopped (Position), to resume from.
+        self.paused_at: dict[str, Any] = {}
         # The task suspending them, so an auth arriving meanwhile waits for it.
         self.expiring: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None

@@ -44,6 +44,8 @@ INSERT INTO relay.listeners (pid, sleeping) VALUES (pg_backend_pid(), false)
 ON CONFLICT (pid) DO UPDATE SET sleeping = false, since = now();
 """
 YIELD_EVERY = 100
+# How often the listener records its position in relay.listeners (for the pruner).
+PROGRESS_SECONDS = 1.0
 RUNNING_SQL = """
 SELECT EXISTS (
     SELECT 1 FROM pg_snapshot_xip($1::text::pg_snapshot) AS x
@@ -92,6 +94,7 @@ class Listener:
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
         self._on_state = on_state
+        self._progress_at = -PROGRESS_SECONDS
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="relay-listener")
@@ -129,6 +132,7 @@ class Listener:
                     self.position = Position(self.last_tick)
                 else:
                     log.info("listener reconnected; catching up after tick %s", self.last_tick)
+                self._progress_at = -PROGRESS_SECONDS
                 self.connected.set()
                 if self._on_state:
                     self._on_state(True)
@@ -215,6 +219,19 @@ class Listener:
         assert self.last_tick is not None
         rows = await conn.fetch(POLL_SQL, self.last_tick, POLL_ROWS)
         newest: int = rows[0]["upto"]
+        if rows[0]["pruned"]:
+            # The log was pruned past what this listener had read (it lagged
+            # beyond the retention window): what it missed cannot be delivered.
+            log.error(
+                "listener fell behind the event log's retention after_tick=%s newest=%s",
+                self.last_tick,
+                newest,
+            )
+            self.dbhub.announce_lost()
+            self.last_tick = newest
+            self.position = Position(newest)
+            return 1
+        await self._record_progress(conn)
         if newest <= self.last_tick:
             return 0
         dispatched = 0
@@ -229,6 +246,17 @@ class Listener:
         self.last_tick = newest
         self.position = Position(newest)
         return dispatched
+
+    async def _record_progress(self, conn: asyncpg.Connection) -> None:
+        """Tell the pruner, now and then, how far this listener has read."""
+        now = asyncio.get_running_loop().time()
+        if now - self._progress_at < PROGRESS_SECONDS:
+            return
+        self._progress_at = now
+        await conn.execute(
+            "UPDATE relay.listeners SET last_tick = $1 WHERE pid = pg_backend_pid()",
+            self.last_tick,
+        )
 
     async def _dispatch(self, row: Any, dispatched: int) -> int:
         event = event_from_record(row)

@@ -182,6 +182,24 @@ async def _prune_forever(state: RelayState) -> None:
             continue
         if removed:
             log.info("event log pruned events=%d", removed)
+            await _warn_if_pruned_unread(state.db)
+
+
+async def _warn_if_pruned_unread(db: Database) -> None:
+    """Say so when retention pruned ticks that a live listener had not read yet."""
+    try:
+        behind = await db.fetchval(
+            "SELECT count(*) FROM relay.listeners l"
+            " WHERE l.last_tick < (SELECT min(id) FROM relay.ticks)"
+            " AND l.pid IN (SELECT pid FROM pg_stat_activity)"
+        )
+    except DB_DOWN_ERRORS:
+        return
+    if behind:
+        log.error(
+            "event log pruned past %d live listener(s): their subscribers are told to reload",
+            behind,
+        )
 
 
 async def _check_apps_forever(state: RelayState) -> None:
@@ -360,8 +378,9 @@ def _report(
     err: RelayError,
     frame: ClientFrame | None = None,
     blame: bool = True,
+    channel: str = "",
 ) -> None:
-    channel = (frame.channel or "") if frame else ""
+    channel = channel or ((frame.channel or "") if frame else "")
     if frame is not None and frame.type == "join" and frame.data:
         channel = frame.data
     # Never echo a client's oversized channel name back (or into the log) whole.
@@ -378,6 +397,10 @@ def _report(
 def _require_auth(socket: Socket, frame: ClientFrame) -> None:
     if not same_token(socket.token, frame.token):
         raise InvalidToken()
+    _require_session(socket)
+
+
+def _require_session(socket: Socket) -> None:
     ident = socket.identity
     if ident is not None and ident.expires_at is not None and ident.expires_at < time.time():
         raise RelayError("session expired: send auth with a fresh session token")
@@ -411,15 +434,19 @@ async def on_auth(state: RelayState, app: App, socket: Socket, frame: ClientFram
         for name in list(socket.channels):
             if protocol.is_db_channel(name):
                 state.dbhub.subscribe(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
-    sessions.arm(state.hub, state.dbhub, socket)
-    rejoined = await sessions.resume(state.hub, state.dbhub, socket)
+    listener = state.listener
+    sessions.arm(
+        state.hub, state.dbhub, socket, lambda: listener.position if listener else Position(0)
+    )
+    chat, paused = await sessions.resume(state.hub, socket)
     socket.reply("token", socket.token)
-    for name in rejoined:  # channels paused when the previous session expired
-        if protocol.is_db_channel(name):
-            upto = state.listener.position if state.listener else Position(0)
-            socket.reply("joined", name, channel=name, pos=str(upto))
-        else:
-            socket.reply("joined", name, channel=name)
+    for name in chat:  # channels paused when the previous session expired
+        socket.reply("joined", name, channel=name)
+    for name, pos in paused.items():  # each resumes where it stopped: joined, replay, live
+        try:
+            await _join_db(state, socket, name, str(pos), admit=lambda: _require_session(socket))
+        except RelayError as err:
+            _report(state, socket, RelayError(err.message), blame=False, channel=name)
 
 
 def _check_channel_name(state: RelayState, name: str) -> None:
@@ -440,13 +467,21 @@ async def on_join(state: RelayState, app: App, socket: Socket, frame: ClientFram
     if name not in socket.channels and len(socket.channels) >= limit:
         raise RelayError(f"too many channels: a socket may join at most {limit}")
     if protocol.is_db_channel(name):
-        await _join_db(state, socket, frame, name)
+        await _join_db(
+            state, socket, name, frame.get("after"), admit=lambda: _require_auth(socket, frame)
+        )
         return
     await state.hub.join(socket, name, admit=lambda: _require_auth(socket, frame))
     socket.reply("joined", name, channel=name)
 
 
-async def _join_db(state: RelayState, socket: Socket, frame: ClientFrame, name: str) -> None:
+async def _join_db(
+    state: RelayState,
+    socket: Socket,
+    name: str,
+    after: str | None,
+    admit: Callable[[], None],
+) -> None:
     assert state.db is not None and state.listener is not None
     await join_db(
         state.db,
@@ -454,8 +489,8 @@ async def _join_db(state: RelayState, socket: Socket, frame: ClientFrame, name: 
         state.dbhub,
         socket,
         name,
-        frame.get("after"),
-        admit=lambda: _require_auth(socket, frame),
+        after,
+        admit=admit,
         stall_seconds=state.settings.replay_stall_seconds or None,
     )
 

@@ -3,9 +3,11 @@
 The socket gets one ``error`` frame, leaves its chat channels and ``db-``
 channels, and refuses ``join`` and ``chan_in`` until a fresh ``auth`` on the
 same socket; that ``auth`` rejoins the paused channels (a ``joined`` frame
-for each follows the ``token`` frame). Messages and events sent while paused
-are not delivered; a ``db-`` channel can be caught up by joining it again
-with ``after`` set to the last position seen.
+for each follows the ``token`` frame). Chat messages sent while paused are
+not delivered. Each ``db-`` channel remembers exactly how far its stream had
+gone when it paused, and resumes from there: the events committed while
+paused are replayed from the log, then the live stream follows, with no gap
+and no duplicate (within the log's retention).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from relay import protocol
 from relay.auth import Identity
-from relay.dbhub import DbHub
+from relay.dbhub import DbHub, Position
 from relay.hub import Hub, Socket
 
 log = logging.getLogger("relay.ws")
@@ -26,8 +29,11 @@ SESSION_EXPIRED = (
 )
 
 
-def arm(hub: Hub, dbhub: DbHub, socket: Socket) -> None:
-    """(Re)start the socket's one expiry timer for its current identity."""
+def arm(hub: Hub, dbhub: DbHub, socket: Socket, position: Callable[[], Position]) -> None:
+    """(Re)start the socket's one expiry timer for its current identity.
+
+    ``position`` is the listener's: what a live db- subscription has received.
+    """
     limits = socket.limits
     ident = socket.identity
     if ident is None:
@@ -36,20 +42,26 @@ def arm(hub: Hub, dbhub: DbHub, socket: Socket) -> None:
 
     def expired() -> None:
         limits.expiring = asyncio.create_task(
-            _suspend(hub, dbhub, socket, ident), name=f"expire-{socket.id}"
+            _suspend(hub, dbhub, socket, ident, position), name=f"expire-{socket.id}"
         )
 
     limits.arm_expiry(ident.expires_at, expired)
 
 
-async def _suspend(hub: Hub, dbhub: DbHub, socket: Socket, ident: Identity) -> None:
+async def _suspend(
+    hub: Hub, dbhub: DbHub, socket: Socket, ident: Identity, position: Callable[[], Position]
+) -> None:
     if socket.closing or socket.identity is not ident:
         return  # gone, or renewed by an auth in the meantime
     names = sorted(socket.channels)
     socket.limits.suspended = names
+    live = position()
     for name in names:
         if protocol.is_db_channel(name):
-            dbhub.unsubscribe(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
+            repo = name[len(protocol.DB_CHANNEL_PREFIX) :]
+            # In the same step as the unsubscribe: nothing is dispatched in between.
+            socket.limits.paused_at[name] = dbhub.delivered(socket, repo, live)
+            dbhub.unsubscribe(socket, repo)
     socket.reply("error", SESSION_EXPIRED)
     log.info("session expired sid=%s user=%s channels=%d", socket.id, ident.user_id, len(names))
     for name in names:
@@ -57,25 +69,25 @@ async def _suspend(hub: Hub, dbhub: DbHub, socket: Socket, ident: Identity) -> N
             await hub.leave(socket, name)
 
 
-async def resume(hub: Hub, dbhub: DbHub, socket: Socket) -> list[str]:
-    """After a successful auth: rejoin the channels paused by expiry; returns their names."""
+async def resume(hub: Hub, socket: Socket) -> tuple[list[str], dict[str, Position]]:
+    """After a successful auth: rejoin the chat channels paused by expiry.
+
+    Returns their names, and each paused db- channel with the position its
+    stream stopped at, for the caller to join again from there.
+    """
     limits = socket.limits
     task, limits.expiring = limits.expiring, None
     if task is not None and not task.done():
         with contextlib.suppress(Exception):
             await task
     names, limits.suspended = limits.suspended, []
-    for name in names:
-        if not protocol.is_db_channel(name):
-            await hub.join(socket, name)
-    # Last and with no await after: the caller reads the listener's position
-    # in the same step, so the ``pos`` it reports matches the subscription.
-    for name in names:
-        if protocol.is_db_channel(name):
-            dbhub.subscribe(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
+    paused, limits.paused_at = limits.paused_at, {}
+    chat = [name for name in names if not protocol.is_db_channel(name)]
+    for name in chat:
+        await hub.join(socket, name)
     if names:
         log.info("session renewed sid=%s channels=%d", socket.id, len(names))
-    return names
+    return chat, paused
 
 
 def forget(socket: Socket) -> None:

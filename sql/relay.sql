@@ -185,7 +185,7 @@ $$;
 -- only "upto" set is returned.
 CREATE OR REPLACE FUNCTION relay.poll(after_tick bigint, max_rows integer)
 RETURNS TABLE (
-    upto bigint, tick bigint, seq bigint, app text, repo text, op text, row_id text,
+    upto bigint, pruned boolean, tick bigint, seq bigint, app text, repo text, op text, row_id text,
     owner_id text, account_id text, old_owner_id text, old_account_id text, data text
 )
 LANGUAGE plpgsql VOLATILE
@@ -194,16 +194,21 @@ SET enable_seqscan = off
 AS $$
 DECLARE
     newest bigint := relay.tick();
+    -- The caller's tick was pruned: the events after it are partly gone, and
+    -- the caller must say so instead of carrying on from the oldest tick left.
+    lost boolean := NOT EXISTS (SELECT 1 FROM relay.ticks k WHERE k.id <= after_tick);
 BEGIN
-    IF newest > after_tick THEN
+    IF newest > after_tick AND NOT lost THEN
         RETURN QUERY
-            SELECT newest, ev.* FROM relay.events_between(after_tick, newest) ev LIMIT max_rows;
+            SELECT newest, false, ev.* FROM relay.events_between(after_tick, newest) ev
+            LIMIT max_rows;
         IF FOUND THEN
             RETURN;
         END IF;
     END IF;
-    RETURN QUERY SELECT newest, NULL::bigint, NULL::bigint, NULL::text, NULL::text, NULL::text,
-                        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text;
+    RETURN QUERY SELECT newest, lost, NULL::bigint, NULL::bigint, NULL::text, NULL::text,
+                        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text,
+                        NULL::text;
 END;
 $$;
 
@@ -298,10 +303,13 @@ BEGIN
                        %6$s, %7$s,
                        CASE WHEN n.%3$I IS NULL THEN NULL ELSE row_to_json(n) END
                 FROM old_rows o FULL JOIN new_rows n ON o.%3$I = n.%3$I;
-            ELSE
+            ELSIF TG_OP = 'DELETE' THEN
                 INSERT INTO relay.events (xid, app, repo, op, row_id, owner_id, account_id)
                 SELECT pg_current_xact_id(), %8$L, %2$L, 'd', to_json(o.%3$I), %6$s, %7$s
                 FROM old_rows o;
+            ELSE  -- TRUNCATE: no rows to report, one event saying the table was emptied
+                INSERT INTO relay.events (xid, app, repo, op)
+                VALUES (pg_current_xact_id(), %8$L, %2$L, 't');
             END IF;
             -- A fresh snapshot (this is a new statement): see the listeners' flags now.
             IF FOUND AND EXISTS (SELECT 1 FROM relay.listeners WHERE sleeping) THEN
@@ -370,12 +378,17 @@ BEGIN
     END IF;
     fn := 'capture_' || tbl::oid;
     INSERT INTO relay.watched (app, repo, table_oid, id_column, owner_column, account_column,
-                               mode, capture_function)
-    VALUES (watch.app, tbl_name, tbl, id_column, owner_column, account_column, repo_mode, fn)
+                               mode, capture_function, id_attnum, owner_attnum, account_attnum)
+    VALUES (watch.app, tbl_name, tbl, id_column, owner_column, account_column, repo_mode, fn,
+            (SELECT attnum FROM pg_attribute WHERE attrelid = tbl AND attname = id_column),
+            (SELECT attnum FROM pg_attribute WHERE attrelid = tbl AND attname = owner_column),
+            (SELECT attnum FROM pg_attribute WHERE attrelid = tbl AND attname = account_column))
     ON CONFLICT ON CONSTRAINT watched_pkey DO UPDATE
        SET table_oid = EXCLUDED.table_oid, id_column = EXCLUDED.id_column,
            owner_column = EXCLUDED.owner_column, account_column = EXCLUDED.account_column,
-           mode = EXCLUDED.mode, capture_function = EXCLUDED.capture_function;
+           mode = EXCLUDED.mode, capture_function = EXCLUDED.capture_function,
+           id_attnum = EXCLUDED.id_attnum, owner_attnum = EXCLUDED.owner_attnum,
+           account_attnum = EXCLUDED.account_attnum;
     PERFORM relay.write_capture(tbl);
 
     EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_insert ON %s', tbl);
@@ -389,6 +402,9 @@ BEGIN
                     FOR EACH STATEMENT EXECUTE FUNCTION relay.%I()', tbl, fn);
     EXECUTE format('CREATE TRIGGER relay_capture_delete AFTER DELETE ON %s
                     REFERENCING OLD TABLE AS old_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION relay.%I()', tbl, fn);
+    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_truncate ON %s', tbl);
+    EXECUTE format('CREATE TRIGGER relay_capture_truncate AFTER TRUNCATE ON %s
                     FOR EACH STATEMENT EXECUTE FUNCTION relay.%I()', tbl, fn);
     RETURN tbl_name;
 END;
@@ -405,10 +421,100 @@ BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_insert ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_update ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_delete ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_truncate ON %s', tbl);
     IF fn IS NOT NULL THEN
         EXECUTE format('DROP FUNCTION IF EXISTS relay.%I()', fn);
     END IF;
     RETURN fn IS NOT NULL;
+END;
+$$;
+
+-- Schema changes on watched tables (event triggers; they need a superuser
+-- to create, so on a database where relay's role is not one they are left
+-- out, with a notice, and these edges stay as before: see the README).
+--
+-- A watched table dropped, or a column relay reads (id, owner, account)
+-- dropped: the repository is gone. Its registry row is removed and one 'x'
+-- event goes into the log, in commit order, so every subscriber (and every
+-- client resuming across that point) is told.
+CREATE OR REPLACE FUNCTION relay.on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w relay.watched%ROWTYPE;
+BEGIN
+    FOR w IN
+        SELECT DISTINCT ON (wt.table_oid) wt.*
+        FROM pg_event_trigger_dropped_objects() d
+        JOIN relay.watched wt ON wt.table_oid = d.objid
+        WHERE d.classid = 'pg_class'::regclass
+          AND (d.objsubid = 0
+               OR d.objsubid IN (wt.id_attnum, wt.owner_attnum, wt.account_attnum))
+    LOOP
+        DELETE FROM relay.watched WHERE table_oid = w.table_oid;
+        INSERT INTO relay.events (xid, app, repo, op)
+        VALUES (pg_current_xact_id(), w.app, w.repo, 'x');
+        IF EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = w.table_oid) THEN
+            -- Only a column went: the table stays, relay's triggers go.
+            EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_insert ON %s', w.table_oid);
+            EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_update ON %s', w.table_oid);
+            EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_delete ON %s', w.table_oid);
+            EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_truncate ON %s', w.table_oid);
+        END IF;
+        EXECUTE format('DROP FUNCTION IF EXISTS relay.%I()', w.capture_function);
+        IF EXISTS (SELECT 1 FROM relay.listeners WHERE sleeping) THEN
+            PERFORM pg_notify('relay_events', '');
+        END IF;
+    END LOOP;
+END;
+$$;
+
+-- ALTER TABLE on a watched table: a renamed id, owner or account column is
+-- followed (by column number) and the capture function rewritten, so writes
+-- keep working. A renamed table keeps its repository name: db-<old name>
+-- goes on delivering, and clients need do nothing.
+CREATE OR REPLACE FUNCTION relay.on_ddl_end() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w relay.watched%ROWTYPE;
+    id_now text;
+    owner_now text;
+    account_now text;
+BEGIN
+    FOR w IN
+        SELECT DISTINCT ON (wt.table_oid) wt.*
+        FROM pg_event_trigger_ddl_commands() c
+        JOIN relay.watched wt ON wt.table_oid = c.objid
+        WHERE c.classid = 'pg_class'::regclass
+    LOOP
+        SELECT attname INTO id_now FROM pg_attribute
+         WHERE attrelid = w.table_oid AND attnum = w.id_attnum AND NOT attisdropped;
+        SELECT attname INTO owner_now FROM pg_attribute
+         WHERE attrelid = w.table_oid AND attnum = w.owner_attnum AND NOT attisdropped;
+        SELECT attname INTO account_now FROM pg_attribute
+         WHERE attrelid = w.table_oid AND attnum = w.account_attnum AND NOT attisdropped;
+        IF id_now IS DISTINCT FROM w.id_column OR owner_now IS DISTINCT FROM w.owner_column
+           OR account_now IS DISTINCT FROM w.account_column THEN
+            UPDATE relay.watched SET id_column = id_now, owner_column = owner_now,
+                                     account_column = account_now
+             WHERE table_oid = w.table_oid;
+            PERFORM relay.write_capture(w.table_oid);
+        END IF;
+    END LOOP;
+END;
+$$;
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'relay_sql_drop') THEN
+        CREATE EVENT TRIGGER relay_sql_drop ON sql_drop EXECUTE FUNCTION relay.on_sql_drop();
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'relay_ddl_end') THEN
+        CREATE EVENT TRIGGER relay_ddl_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+            EXECUTE FUNCTION relay.on_ddl_end();
+    END IF;
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE NOTICE 'relay: not a superuser, so drops and renames on watched tables are not '
+                 'followed (create the event triggers of sql/relay.sql as a superuser)';
 END;
 $$;
 

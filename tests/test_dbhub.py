@@ -100,7 +100,7 @@ def test_root_reads_everything_and_unsubscribed_nothing(hub) -> None:
 def test_catching_up_holds_live_frames_until_release(hub) -> None:
     h, _ = hub
     late = make_socket("A", "1")
-    h.subscribe(late, "tasks_760_", catching_up=True)
+    h.subscribe(late, "tasks_760_", after=Position(5, 3))
     h.dispatch(event("c", owner="A", account="1", seq=20))
     assert sent(late) == []  # held back
     assert h.replay_event(late, "tasks_760_", event("c", owner="A", account="1", seq=4)) == 1
@@ -115,7 +115,7 @@ def test_release_in_steps_keeps_order(hub) -> None:
     h, _ = hub
     late = Socket(None, "default", queue_limit=4)  # type: ignore[arg-type]
     late.identity = Identity("A", "1")
-    h.subscribe(late, "tasks_760_", catching_up=True)
+    h.subscribe(late, "tasks_760_", after=Position(5, 3))
     for n in range(1, 6):
         h.dispatch(event("c", owner="A", account="1", seq=n))
     assert not h.release_some(late, "tasks_760_")  # stops once the queue is over half full
@@ -131,7 +131,7 @@ def test_release_in_steps_keeps_order(hub) -> None:
 def test_replay_stops_for_a_socket_no_longer_catching_up(hub) -> None:
     h, _ = hub
     late = make_socket("A", "1")
-    h.subscribe(late, "tasks_760_", catching_up=True)
+    h.subscribe(late, "tasks_760_", after=Position(5, 3))
     h.unsubscribe(late, "tasks_760_")
     assert h.replay_event(late, "tasks_760_", event("c", owner="A", account="1")) is None
     assert sent(late) == []
@@ -172,7 +172,7 @@ async def test_held_frames_are_bounded_by_the_send_queue_bytes() -> None:
     # An unprepared WebSocketResponse: closing it is a no-op, nothing is written.
     late = Socket(web.WebSocketResponse(), "default", queue_limit=100, queue_bytes=2_000)
     late.identity = Identity("A", "1")
-    h.subscribe(late, "tasks_760_", catching_up=True)
+    h.subscribe(late, "tasks_760_", after=Position(5, 3))
     for n in range(1, 20):  # each frame is a few hundred characters
         h.dispatch(event("c", owner="A", account="1", seq=n))
         if late.closing:
