@@ -330,6 +330,18 @@ BEGIN
 END;
 $$;
 
+-- Remove relay's four capture triggers from a table (if there).
+CREATE OR REPLACE FUNCTION relay.drop_capture_triggers(tbl regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    op text;
+BEGIN
+    FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'relay_capture_' || op, tbl);
+    END LOOP;
+END;
+$$;
+
 -- Start capturing changes of a table for an app. Idempotent: watching again
 -- replaces the triggers (for instance with other columns). The repository
 -- name is the table's name, unique within the app; its permission suffix
@@ -395,9 +407,7 @@ BEGIN
            account_attnum = EXCLUDED.account_attnum;
     PERFORM relay.write_capture(tbl);
 
-    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_insert ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_update ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_delete ON %s', tbl);
+    PERFORM relay.drop_capture_triggers(tbl);
     EXECUTE format('CREATE TRIGGER relay_capture_insert AFTER INSERT ON %s
                     REFERENCING NEW TABLE AS new_rows
                     FOR EACH STATEMENT EXECUTE FUNCTION relay.%I()', tbl, fn);
@@ -407,7 +417,6 @@ BEGIN
     EXECUTE format('CREATE TRIGGER relay_capture_delete AFTER DELETE ON %s
                     REFERENCING OLD TABLE AS old_rows
                     FOR EACH STATEMENT EXECUTE FUNCTION relay.%I()', tbl, fn);
-    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_truncate ON %s', tbl);
     EXECUTE format('CREATE TRIGGER relay_capture_truncate AFTER TRUNCATE ON %s
                     FOR EACH STATEMENT EXECUTE FUNCTION relay.%I()', tbl, fn);
     RETURN tbl_name;
@@ -422,10 +431,7 @@ DECLARE
     fn text;
 BEGIN
     DELETE FROM relay.watched WHERE table_oid = tbl RETURNING capture_function INTO fn;
-    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_insert ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_update ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_delete ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_truncate ON %s', tbl);
+    PERFORM relay.drop_capture_triggers(tbl);
     IF fn IS NOT NULL THEN
         EXECUTE format('DROP FUNCTION IF EXISTS relay.%I()', fn);
     END IF;
@@ -459,10 +465,7 @@ BEGIN
         VALUES (pg_current_xact_id(), w.app, w.repo, 'x');
         IF EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = w.table_oid) THEN
             -- Only a column went: the table stays, relay's triggers go.
-            EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_insert ON %s', w.table_oid);
-            EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_update ON %s', w.table_oid);
-            EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_delete ON %s', w.table_oid);
-            EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_truncate ON %s', w.table_oid);
+            PERFORM relay.drop_capture_triggers(w.table_oid);
         END IF;
         EXECUTE format('DROP FUNCTION IF EXISTS relay.%I()', w.capture_function);
         IF EXISTS (SELECT 1 FROM relay.listeners WHERE sleeping) THEN
