@@ -21,6 +21,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from relay.db import refuse_downgrade
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
@@ -67,4 +69,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    raise NotImplementedError("relay's migrations go forward only: restore a backup instead")
+    refuse_downgrade()
