@@ -46,8 +46,11 @@
 -- the apps and plans) are created and changed only by relay's numbered
 -- migrations (migrations/), each frozen once released; `relay migrate` runs
 -- them and then applies this file, so every function below is in force at
--- its newest version after every upgrade. To review the SQL before it runs:
--- `alembic -x url=... upgrade head --sql` prints the migrations' statements.
+-- its newest version after every upgrade, in the migrations' transaction.
+-- relay/schema.py describes the tables as the migrations leave them (a test
+-- compares the two). To review the SQL before it runs, read
+-- migrations/versions/ and migrations/sql/ (they run raw SQL, so alembic's
+-- offline --sql mode is refused rather than printing part of it).
 
 -- Record a new tick if anything was committed since the last one; return the
 -- newest tick id either way. Ticks are serialized by an advisory lock so that
@@ -277,7 +280,8 @@ BEGIN
     old_account := CASE WHEN w.account_column IS NULL THEN 'NULL::text'
                         ELSE format('o.%I::text', w.account_column) END;
     -- One generated function per table, with the column names written in,
-    -- so PostgreSQL plans each statement once and keeps the plan.
+    -- so PostgreSQL plans each statement once and keeps the plan. Whole rows
+    -- are n.* / o.*: a bare n would mean a column of that name, if the table has one.
     EXECUTE format($f$
         CREATE OR REPLACE FUNCTION relay.%1$I() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
@@ -285,7 +289,7 @@ BEGIN
             IF TG_OP = 'INSERT' THEN
                 INSERT INTO relay.events (xid, app, repo, op, row_id, owner_id, account_id, data)
                 SELECT pg_current_xact_id(), %8$L, %2$L, 'c', to_json(n.%3$I), %4$s, %5$s,
-                       row_to_json(n)
+                       row_to_json(n.*)
                 FROM new_rows n;
             ELSIF TG_OP = 'UPDATE' THEN
                 INSERT INTO relay.events (xid, app, repo, op, row_id, owner_id, account_id,
@@ -296,7 +300,7 @@ BEGIN
                        CASE WHEN n.%3$I IS NULL THEN %6$s ELSE %4$s END,
                        CASE WHEN n.%3$I IS NULL THEN %7$s ELSE %5$s END,
                        %6$s, %7$s,
-                       CASE WHEN n.%3$I IS NULL THEN NULL ELSE row_to_json(n) END
+                       CASE WHEN n.%3$I IS NULL THEN NULL ELSE row_to_json(n.*) END
                 FROM old_rows o FULL JOIN new_rows n ON o.%3$I = n.%3$I;
             ELSE
                 INSERT INTO relay.events (xid, app, repo, op, row_id, owner_id, account_id)
