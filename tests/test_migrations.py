@@ -419,7 +419,7 @@ async def test_upgrade_while_writing_loses_nothing(
         assert await conn.fetchval("SELECT version_num FROM relay.alembic_version") == HEAD
 
         # The new plumbing is in force, exactly as on a fresh install at head.
-        assert schema_differences(url) == []
+        assert await asyncio.to_thread(schema_differences, url) == []
         fresh = await asyncpg.connect(pg_url)
         try:
             assert await functions_in_force(conn) == await functions_in_force(fresh)
