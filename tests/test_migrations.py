@@ -37,6 +37,7 @@ from relay.db import FORWARD_ONLY, alembic_config, run_migrations, sqlalchemy_ur
 from relay.schema import SCHEMA, include_name, metadata
 from relay.server import create_app
 from tests.conftest import JWT_SECRET, RelayHandle, WsClient, free_port
+from tests.test_limits import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRST_MAIN = Path(__file__).resolve().parent / "fixtures" / "first_main"
@@ -363,6 +364,7 @@ async def test_upgrade_while_writing_loses_nothing(
     await asyncio.to_thread(start, url)
     table = f"items_{uuid.uuid4().hex[:8]}_777_"
     conn = await asyncpg.connect(url)
+    straddler = await asyncpg.connect(url)
     writer = Writer(url, table)
     handle: RelayHandle | None = None
     try:
@@ -391,19 +393,39 @@ async def test_upgrade_while_writing_loses_nothing(
 
         await writer.start()
         await writer.wait_for(10)
+        # A writer's transaction open when the upgrade starts, its event written
+        # by the old capture function; committed while the upgrade waits on it.
+        await straddler.execute("BEGIN")
+        straddling = await straddler.fetchval(
+            f"INSERT INTO {table} (owner_id, account_id, k)"
+            " VALUES ('straddler', 'acme', -2) RETURNING id"
+        )
         at_start = len(writer.committed)
         migrate = asyncio.create_task(relay_migrate(url))
+
+        async def upgrade_waits_or_is_done() -> bool:
+            return migrate.done() or bool(
+                await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks"
+                    " WHERE relation = 'relay.events'::regclass AND NOT granted)"
+                )
+            )
+
+        await eventually(upgrade_waits_or_is_done, 30)
+        waited = not migrate.done()
+        await straddler.execute("COMMIT")
         # Writers keep committing while the upgrade runs (they wait out its locks).
         await writer.wait_for(at_start + 5)
         output = await migrate
         at_exit = len(writer.committed)
         assert at_exit > at_start, "no row was committed while relay migrate ran"
         assert "relay schema is up to date" in output
+        assert waited, "the upgrade did not wait for the writer's open transaction"
         # And after it, through the capture function it wrote.
         await writer.wait_for(at_exit + 20)
         await writer.stop()
 
-        all_ids = old_ids + writer.committed
+        all_ids = [*old_ids, straddling, *writer.committed]
         assert [r["id"] for r in await conn.fetch(f"SELECT id FROM {table} ORDER BY id")] == sorted(
             all_ids
         )
@@ -463,7 +485,9 @@ async def test_upgrade_while_writing_loses_nothing(
         assert tuple(await capture_function(conn, table)) == tuple(in_force)
 
         # A relay on the upgraded database replays from the old position every
-        # row written before and during the upgrade, in order, once; then live.
+        # row written before, during and after the upgrade, once, in log order
+        # (commit order across ticks; the one writer's rows in its commit
+        # order); then the live stream.
         handle = await start_relay(url)
         c = await client(handle)
         await c.auth(handle.token("reader", "acme"))
@@ -476,8 +500,11 @@ async def test_upgrade_while_writing_loses_nothing(
             replayed.append(json.loads(frame["data"])["id"])
             tick, seq = frame["pos"].split("-")
             positions.append((int(tick), int(seq)))
-        assert replayed == all_ids
+        assert sorted(replayed) == sorted(all_ids)
         assert positions == sorted(set(positions))
+        assert replayed[: len(old_ids)] == old_ids
+        written = set(writer.committed)
+        assert [i for i in replayed if i in written] == writer.committed
         await c.silent(0.3)
         live = await conn.fetchval(
             f"INSERT INTO {table} (owner_id, account_id, k)"
@@ -491,6 +518,7 @@ async def test_upgrade_while_writing_loses_nothing(
             await writer.stop()
         if handle is not None:
             await handle.stop()
+        await straddler.close()
         await conn.close()
 
 
