@@ -46,8 +46,11 @@
 -- the apps and plans) are created and changed only by relay's numbered
 -- migrations (migrations/), each frozen once released; `relay migrate` runs
 -- them and then applies this file, so every function below is in force at
--- its newest version after every upgrade. To review the SQL before it runs:
--- `alembic -x url=... upgrade head --sql` prints the migrations' statements.
+-- its newest version after every upgrade, in the migrations' transaction.
+-- relay/schema.py describes the tables as the migrations leave them (a test
+-- compares the two). To review the SQL before it runs, read
+-- migrations/versions/ and migrations/sql/ (they run raw SQL, so alembic's
+-- offline --sql mode is refused rather than printing part of it).
 
 -- Record a new tick if anything was committed since the last one; return the
 -- newest tick id either way. Ticks are serialized by an advisory lock so that
@@ -286,7 +289,8 @@ BEGIN
     old_account := CASE WHEN w.account_column IS NULL THEN 'NULL::text'
                         ELSE format('o.%I::text', w.account_column) END;
     -- One generated function per table, with the column names written in,
-    -- so PostgreSQL plans each statement once and keeps the plan.
+    -- so PostgreSQL plans each statement once and keeps the plan. Whole rows
+    -- are n.* / o.*: a bare n would mean a column of that name, if the table has one.
     EXECUTE format($f$
         CREATE OR REPLACE FUNCTION relay.%1$I() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
