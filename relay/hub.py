@@ -26,6 +26,7 @@ from relay import protocol
 from relay.auth import Identity
 from relay.broker.base import BrokerError
 from relay.limits import ERROR_BUDGET, ERROR_WINDOW, ErrorBudget, SocketLimits
+from relay.logsafe import clean
 from relay.protocol import CloseCode
 
 if TYPE_CHECKING:
@@ -255,7 +256,9 @@ class Hub:
                     await self.broker.unsubscribe(*key)
                 except BrokerError as err:
                     # Messages for a channel without members are dropped on delivery.
-                    log.warning("broker unsubscribe failed channel=%s error=%s", key[1], err)
+                    log.warning(
+                        "broker unsubscribe failed channel=%s error=%s", clean(key[1]), clean(err)
+                    )
 
     async def publish(self, app_id: str, channel: str, data: str) -> None:
         await self.broker.publish(app_id, channel, data)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 
 
 class RepoError(Exception):
@@ -21,7 +21,7 @@ class RepoError(Exception):
 def quote_table(qualified: str) -> str:
     """'tasks_760_' or 'app.tasks' -> a safely quoted SQL name."""
     parts = qualified.split(".")
-    if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
+    if len(parts) > 2 or not all(_IDENT.fullmatch(p) for p in parts):
         raise RepoError(
             f"not a table name: {qualified!r} (letters, digits and _, optionally SCHEMA.TABLE)"
         )

@@ -26,6 +26,7 @@ from relay.dbjoin import join_db
 from relay.hub import Hub, Socket
 from relay.limits import socket_limits
 from relay.listener import Listener
+from relay.logsafe import clean
 from relay.plans import App, AppDirectory, AppsUnavailable
 from relay.protocol import ClientFrame, CloseCode, InvalidToken, RelayError
 
@@ -36,7 +37,7 @@ log = logging.getLogger("relay.ws")
 # aiohttp buffers a whole message before handing it over, so this bounds the
 # memory one socket can make the relay hold.
 HARD_FRAME_LIMIT = 4 * 1024 * 1024
-CHANNEL_NAME = re.compile(r"^[A-Za-z0-9_\-.:@/]+$")
+CHANNEL_NAME = re.compile(r"[A-Za-z0-9_\-.:@/]+")  # always fullmatch: "$" admits a newline
 DB_DELAYED = (
     "database unreachable: events on this channel are delayed; they will arrive when it is back"
 )
@@ -233,7 +234,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                     state, socket, RelayError("binary frames are not supported: send JSON text")
                 )
             elif msg.type is WSMsgType.ERROR:
-                log.info("socket error sid=%s error=%s", socket.id, ws.exception())
+                log.info("socket error sid=%s error=%s", socket.id, clean(ws.exception()))
                 break
             if socket.closing:
                 break
@@ -276,7 +277,7 @@ async def _handle(state: RelayState, app: App, socket: Socket, raw: str) -> None
     except RelayError as err:
         _report(state, socket, err, frame)
     except BrokerError as err:
-        log.warning("broker unavailable sid=%s error=%s", socket.id, err)
+        log.warning("broker unavailable sid=%s error=%s", socket.id, clean(err))
         _report(
             state, socket, RelayError("channels unavailable: try again shortly"), frame, blame=False
         )
@@ -300,7 +301,9 @@ def _report(
     # Never echo a client's oversized channel name back (or into the log) whole.
     channel = channel[: state.settings.max_channel_name]
     socket.reply("error", err.message, channel=channel)
-    log.info("client error sid=%s channel=%s error=%s", socket.id, channel, err.message)
+    log.info(
+        "client error sid=%s channel=%s error=%s", socket.id, clean(channel), clean(err.message)
+    )
     spent = blame and socket.limits.budget.spend(time.monotonic())
     if err.close_code is not None or spent:
         code = err.close_code or CloseCode.ABUSE
@@ -347,7 +350,7 @@ def _check_channel_name(state: RelayState, name: str) -> None:
     limit = state.settings.max_channel_name
     if len(name) > limit:
         raise RelayError(f"channel name too long: {len(name)} characters, the limit is {limit}")
-    if not CHANNEL_NAME.match(name):
+    if not CHANNEL_NAME.fullmatch(name):
         raise RelayError("channel name may contain only letters, digits and _ - . : @ /")
 
 

@@ -18,6 +18,7 @@ from relay import protocol
 from relay.auth import Identity
 from relay.dbhub import DbHub
 from relay.hub import Hub, Socket
+from relay.logsafe import clean
 
 log = logging.getLogger("relay.ws")
 
@@ -51,7 +52,9 @@ async def _suspend(hub: Hub, dbhub: DbHub, socket: Socket, ident: Identity) -> N
         if protocol.is_db_channel(name):
             dbhub.unsubscribe(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
     socket.reply("error", SESSION_EXPIRED)
-    log.info("session expired sid=%s user=%s channels=%d", socket.id, ident.user_id, len(names))
+    log.info(
+        "session expired sid=%s user=%s channels=%d", socket.id, clean(ident.user_id), len(names)
+    )
     for name in names:
         if not protocol.is_db_channel(name):
             await hub.leave(socket, name)
