@@ -42,6 +42,16 @@ REPLACED = (
 )
 
 
+# After a socket's pre-auth budget is spent: how long its peer must pause before
+# the error and close frames go out, and how long it may keep sending at most.
+TRIP_QUIET = 0.1
+TRIP_LINGER = 2.0
+
+
+def _nothing() -> None:
+    pass
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     text: str
@@ -51,10 +61,12 @@ class Refusal:
 class PreAuthGuard(asyncio.Protocol):
     """Sits between a connection's transport and aiohttp's protocol until ``auth``.
 
-    It counts the bytes received and passes them on; past ``limit`` it stops
-    reading, drops what comes and calls ``on_trip`` once. :meth:`remove` puts
-    aiohttp's protocol back (``Transport.set_protocol``), so authenticated
-    sockets pay nothing for it.
+    It counts the bytes received and passes them on; past ``limit`` it drops
+    everything that comes and, once the peer has paused for ``TRIP_QUIET``
+    seconds (or after ``TRIP_LINGER`` at most), calls ``on_trip``. It keeps
+    reading meanwhile: a socket closed with unread input is reset, and the peer
+    would lose the error and close frames. :meth:`remove` puts aiohttp's protocol
+    back (``Transport.set_protocol``), so authenticated sockets pay nothing for it.
     """
 
     def __init__(
@@ -67,7 +79,9 @@ class PreAuthGuard(asyncio.Protocol):
         self._transport = transport
         self._inner = inner
         self._left = limit
-        self._on_trip: Callable[[], None] | None = on_trip
+        self._on_trip = on_trip
+        self._tripped_at: float | None = None
+        self._quiet: asyncio.TimerHandle | None = None
 
     @classmethod
     def install(
@@ -87,20 +101,32 @@ class PreAuthGuard(asyncio.Protocol):
             self._transport.set_protocol(self._inner)
 
     def data_received(self, data: bytes) -> None:
-        if self._on_trip is None:
-            return  # tripped: nothing more reaches aiohttp's buffers
-        self._left -= len(data)
-        if self._left >= 0:
-            self._inner.data_received(data)
-            return
-        on_trip, self._on_trip = self._on_trip, None
-        self._transport.pause_reading()
+        if self._tripped_at is None:
+            self._left -= len(data)
+            if self._left >= 0:
+                self._inner.data_received(data)
+                return
+            self._tripped_at = time.monotonic()
+        # Tripped: nothing more reaches aiohttp's buffers.
+        if self._quiet is not None:
+            self._quiet.cancel()
+            self._quiet = None
+        if time.monotonic() - self._tripped_at >= TRIP_LINGER:
+            self._trip()
+        else:
+            self._quiet = asyncio.get_running_loop().call_later(TRIP_QUIET, self._trip)
+
+    def _trip(self) -> None:
+        self._quiet = None
+        on_trip, self._on_trip = self._on_trip, _nothing
         on_trip()
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._quiet is not None:
+            self._quiet.cancel()
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
