@@ -58,10 +58,10 @@ class Settings:
     # of that scope connected for at least auth_grace_seconds makes room.
     auth_timeout_seconds: float = 10.0
     preauth_max_bytes: int = 64 * 1024
-    max_unauthenticated: int = 5000
-    max_unauthenticated_per_app: int = 1000
-    max_unauthenticated_per_address: int = 64
-    auth_grace_seconds: float = 1.0
+    max_unauthenticated: int = 10_000
+    max_unauthenticated_per_app: int = 2000
+    max_unauthenticated_per_address: int = 256
+    auth_grace_seconds: float = 2.0
     # An HTTP request head (the /ws upgrade included) must arrive within this.
     request_head_timeout_seconds: float = 10.0
     # Frames a socket may send per second (0: unmetered), unless its app's plan

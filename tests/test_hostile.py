@@ -34,6 +34,7 @@ import pytest
 from aiohttp import WSMsgType
 
 from relay import plans
+from relay.config import ConfigError, Settings
 from relay.permissions import Mode, mode_of
 from relay.plans import PlanError
 from relay.protocol import CloseCode
@@ -476,3 +477,32 @@ async def test_client_text_cannot_forge_log_lines(relay, client, caplog):
         assert "\n" not in line and "\r" not in line, f"a log line was split: {line!r}"
     assert any('channel="room\\nINFO relay.ws' in line for line in client_errors)
     assert any('channel="a b=c\\r\\nx"' in line for line in client_errors)
+
+
+# --- the settings ---------------------------------------------------------------------------------
+
+
+def test_hardening_settings_come_from_the_environment():
+    env = {
+        "RELAY_SEND_QUEUE_TOTAL_BYTES": "1000000",
+        "RELAY_AUTH_TIMEOUT_SECONDS": "2.5",
+        "RELAY_PREAUTH_MAX_BYTES": "4096",
+        "RELAY_MAX_UNAUTHENTICATED": "10",
+        "RELAY_MAX_UNAUTHENTICATED_PER_APP": "5",
+        "RELAY_MAX_UNAUTHENTICATED_PER_ADDRESS": "0",
+        "RELAY_AUTH_GRACE_SECONDS": "0.5",
+        "RELAY_REQUEST_HEAD_TIMEOUT_SECONDS": "3",
+    }
+    s = Settings.from_env(env)
+    assert (s.send_queue_total_bytes, s.auth_timeout_seconds, s.preauth_max_bytes) == (
+        1_000_000,
+        2.5,
+        4096,
+    )
+    assert (s.max_unauthenticated, s.max_unauthenticated_per_app) == (10, 5)
+    assert s.max_unauthenticated_per_address == 0
+    assert (s.auth_grace_seconds, s.request_head_timeout_seconds) == (0.5, 3.0)
+    with pytest.raises(ConfigError, match="RELAY_PREAUTH_MAX_BYTES must not be negative"):
+        Settings.from_env({"RELAY_PREAUTH_MAX_BYTES": "-1"})
+    with pytest.raises(ConfigError, match="RELAY_MAX_UNAUTHENTICATED must be a whole number"):
+        Settings.from_env({"RELAY_MAX_UNAUTHENTICATED": "many"})
