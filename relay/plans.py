@@ -35,7 +35,7 @@ CACHE_SECONDS = 5.0
 # cannot grow the cache (or the query rate) without bound.
 CACHE_ENTRIES = 10_000
 MAX_PUBLIC_KEY = 200
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _DB_DOWN = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -258,7 +258,7 @@ def normalize_origin(origin: str) -> str:
 
 
 def _check_name(kind: str, name: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise PlanError(f"not a valid {kind} name: {name!r} (1-64 letters, digits, _ . -)")
     return name
 
