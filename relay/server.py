@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import asyncpg
 from aiohttp import WSMsgType, web
@@ -48,6 +49,8 @@ DB_DOWN_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 DB_OUTAGE_GRACE = 1.0
 # Pruning a large log may take longer than an ordinary query.
 PRUNE_TIMEOUT = 300.0
+# The JavaScript client, served at /relay.js (an ES module; see relay.d.ts beside it).
+RELAY_JS = Path(__file__).parent / "static" / "relay.js"
 
 
 @dataclass
@@ -121,6 +124,7 @@ def create_app(settings: Settings, database_url: str, jwt_secret: str | None) ->
     app[STATE] = state
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/relay.js", relay_js)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_sockets)
     return app
@@ -249,6 +253,19 @@ async def healthz(request: web.Request) -> web.Response:
             log.error("health check failed reason=pool-wedged pool=%s", body["pool"])
             return web.json_response(body, status=503)
     return web.json_response(body)
+
+
+async def relay_js(request: web.Request) -> web.StreamResponse:
+    """The JavaScript client. Module scripts are fetched with CORS, so any origin may load
+    it (it is public code); revalidated on each load, so an upgraded relay serves its own."""
+    return web.FileResponse(
+        RELAY_JS,
+        headers={
+            "Content-Type": "text/javascript; charset=utf-8",
+            "Access-Control-Allow-Origin": "*",
+            "Cache-Control": "no-cache",
+        },
+    )
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
