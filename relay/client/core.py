@@ -149,6 +149,7 @@ class Client:
         self._auth_task: asyncio.Task[None] | None = None
         self._refresh: asyncio.TimerHandle | None = None
         self._chores: set[asyncio.Task[None]] = set()
+        self._auth_waiters: list[asyncio.Future[None]] = []
 
     # --- public API ----------------------------------------------------------------------
 
@@ -182,10 +183,22 @@ class Client:
         await self.close()
 
     def on_state(self, callback: Callable[[str, str], None]) -> Callable[[], None]:
-        """``callback(event, detail)`` on "connected", "disconnected", "renewed",
-        "expired", "error" (an error frame about no channel), "channel_error"."""
+        """``callback(event, detail)`` on "connected" (a socket authenticated, ``detail``
+        its id), "authenticated" (every accepted auth, renewals included), "expired" (the
+        session lapsed: channels paused until the renewal under way), "renewed" (resumed
+        after that), "disconnected", "error" (an error frame about no channel, or the
+        token provider failing) and "channel_error" (a channel given up)."""
         self._state_callbacks.append(callback)
         return lambda: self._state_callbacks.remove(callback)
+
+    async def renew(self) -> None:
+        """Authenticate again now, with a fresh token from the provider (say, after the
+        user's claims changed); returns once the relay accepted it."""
+        await self.connected.wait()
+        waiter = asyncio.get_running_loop().create_future()
+        self._auth_waiters.append(waiter)
+        self._authenticate()
+        await waiter
 
     async def join(self, channel: str) -> None:
         """Join ``channel`` and stay joined across reconnects (a ``db-`` channel resumes
@@ -407,6 +420,10 @@ class Client:
         if first:
             self.connected.set()
             self._tell("connected", self.sid)
+        self._tell("authenticated", self.sid)
+        waiters, self._auth_waiters = self._auth_waiters, []
+        for waiter in waiters:
+            _done(waiter)
         self._schedule_refresh()
 
     def _schedule_refresh(self) -> None:

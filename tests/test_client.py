@@ -1,0 +1,428 @@
+"""relay.client, the Python asyncio client, against a real relay and a real PostgreSQL.
+
+The last test is the one that matters: live views of several users, each under
+its own filter, kept through relay restarts, dropped TCP connections, expired
+sessions and a pruned log while thousands of rows are inserted, updated, moved
+between accounts and owners, and deleted; in the end each view equals the
+query of that user's readable rows under that filter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp import web
+
+import relay.client
+from relay.auth import mint_token
+from relay.client import LiveView, Refused, ViewRefused
+from relay.config import Settings
+from relay.server import STATE, RelayState, create_app
+from tests.conftest import JWT_SECRET, free_port, random_name
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class Relay:
+    """An in-process relay on a fixed port that can be stopped and started again."""
+
+    def __init__(self, pg_url: str, **overrides: Any) -> None:
+        self.pg_url = pg_url
+        self.port = free_port()
+        self.overrides = overrides
+        self.runner: web.AppRunner | None = None
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def state(self) -> RelayState:
+        assert self.runner is not None
+        return self.runner.app[STATE]
+
+    async def start(self) -> None:
+        settings = Settings(jwt_secret=JWT_SECRET, database_url=self.pg_url, poll_seconds=0.5)
+        for key, value in self.overrides.items():
+            setattr(settings, key, value)
+        app = create_app(settings, self.pg_url, settings.jwt_secret)
+        self.runner = web.AppRunner(app, shutdown_timeout=2)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def restart(self, while_down: Callable[[], Any] | None = None) -> None:
+        await self.stop()
+        if while_down is not None:
+            await while_down()
+        await self.start()
+        self.restarts += 1
+
+    def drop_connections(self) -> int:
+        """Abort every client's TCP connection: no close frame, as when a network drops."""
+        sockets = list(self.state.hub.sockets.values())
+        for s in sockets:
+            if s._transport is not None:
+                s._transport.abort()
+        return len(sockets)
+
+
+@pytest.fixture
+async def live_relay(pg_url: str) -> AsyncIterator[Relay]:
+    r = Relay(pg_url)
+    await r.start()
+    yield r
+    await r.stop()
+
+
+class Tokens:
+    """A token provider: fresh session tokens, with a lifetime and a gate the test sets."""
+
+    def __init__(self, user: str, account: str) -> None:
+        self.user, self.account = user, account
+        self.ttl = 3600
+        self.gate: asyncio.Event | None = None  # while set to an unset event, calls wait
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        return mint_token(JWT_SECRET, self.user, self.account, ttl_seconds=self.ttl)
+
+
+def fast(url: str, tokens: Tokens) -> relay.client.Client:
+    return relay.client.connect(url, tokens, backoff_base=0.05, backoff_max=0.5)
+
+
+async def add_status(db: asyncpg.Connection, table: str) -> None:
+    await db.execute(f"ALTER TABLE {table} ADD COLUMN status text")
+
+
+def readable(user: str, account: str) -> str:
+    # What a _760_ repository lets a user read: its own rows and its account's.
+    return f"(owner_id = '{user}' OR account_id = '{account}')"
+
+
+async def expected_rows(
+    db: asyncpg.Connection, table: str, where: str
+) -> dict[str, tuple[Any, ...]]:
+    rows = await db.fetch(
+        f"SELECT id::text, owner_id, account_id, status, data::text FROM {table} WHERE {where}"
+    )
+    return {r["id"]: (r["owner_id"], r["account_id"], r["status"], r["data"]) for r in rows}
+
+
+def view_rows(view: LiveView) -> dict[str, tuple[Any, ...]]:
+    import json
+
+    return {
+        key: (
+            row["owner_id"],
+            row["account_id"],
+            row["status"],
+            json.dumps(row["data"], separators=(", ", ": ")) if row["data"] is not None else None,
+        )
+        for key, row in view.rows.items()
+    }
+
+
+async def until_seen(view: LiveView, row_id: str, timeout: float = 30.0) -> None:
+    """Wait for a row to be in the view (an event, not a poll)."""
+    seen = asyncio.Event()
+    stop = view.on_change(lambda kind, key, row: seen.set() if key == row_id else None)
+    try:
+        if row_id not in view.rows:
+            await asyncio.wait_for(seen.wait(), timeout)
+    finally:
+        stop()
+
+
+# --- the basics --------------------------------------------------------------------------
+
+
+async def test_chat_join_publish_and_messages(live_relay):
+    room = random_name()
+    async with (
+        fast(live_relay.url, Tokens("a", "1")) as a,
+        fast(live_relay.url, Tokens("b", "1")) as b,
+    ):
+        await a.join(room)
+        await b.join(room)
+        heard = b.messages(room)
+        await a.publish(room, "hello")
+        msg = await asyncio.wait_for(anext(heard), 5)
+        assert (msg.type, msg.channel, msg.data) == ("chan_out", room, "hello")
+        with pytest.raises(ValueError, match="join"):
+            await a.publish("elsewhere", "x")
+
+
+async def test_join_refused_and_view_refused(live_relay, repo):
+    async with fast(live_relay.url, Tokens("a", "1")) as c:
+        with pytest.raises(Refused, match="not a watched table"):
+            await c.join("db-no_such_table")
+        table = await repo("_760_")
+        with pytest.raises(ViewRefused, match="filter"):
+            await c.live_view("db-" + table, filter="nocolumn=eq.1")
+
+
+async def test_live_view_snapshot_events_and_filter(live_relay, db, repo):
+    table = await repo("_760_")
+    await add_status(db, table)
+    await db.execute(
+        f"INSERT INTO {table} (owner_id, account_id, status) VALUES"
+        " ('a', '1', 'open'), ('b', '1', 'done'), ('c', '2', 'open'), ('b', '1', 'draft')"
+    )
+    async with fast(live_relay.url, Tokens("a", "1")) as c:
+        everything = await c.live_view("db-" + table)
+        assert everything.synced.is_set()
+        assert view_rows(everything) == await expected_rows(db, table, readable("a", "1"))
+        changes: list[tuple[str, str]] = []
+        everything.on_change(lambda kind, key, row: changes.append((kind, key)))
+        new = await db.fetchval(
+            f"INSERT INTO {table} (owner_id, account_id, status) VALUES ('b', '1', 'open')"
+            " RETURNING id::text"
+        )
+        await until_seen(everything, new)
+        assert changes == [("created", new)]
+        await db.execute(f"UPDATE {table} SET account_id = '2' WHERE id = $1::uuid", new)
+        gone = asyncio.Event()
+        everything.on_change(lambda kind, key, row: gone.set() if kind == "deleted" else None)
+        await asyncio.wait_for(gone.wait(), 10)  # moved out of sight: deleted from the view
+        assert new not in everything.rows
+
+    async with fast(live_relay.url, Tokens("a", "1")) as c:
+        view = await c.live_view("db-" + table, filter="status=in.(open,done)")
+        where = readable("a", "1") + " AND status IN ('open', 'done')"
+        assert view_rows(view) == await expected_rows(db, table, where)
+        draft = await db.fetchval(
+            f"SELECT id::text FROM {table} WHERE status = 'draft' AND account_id = '1'"
+        )
+        await db.execute(f"UPDATE {table} SET status = 'open' WHERE id = $1::uuid", draft)
+        await until_seen(view, draft)  # moved into the filter: created in the view
+        assert view_rows(view) == await expected_rows(db, table, where)
+
+
+async def test_session_renewed_before_expiry_and_after(live_relay, db, repo):
+    """Short-lived tokens are renewed before they expire; a provider too slow for the
+    expiry lets the session lapse, and the renewal resumes the view where it stopped."""
+    table = await repo("_760_")
+    await add_status(db, table)
+    tokens = Tokens("a", "1")
+    tokens.ttl = 2
+    async with fast(live_relay.url, tokens) as c:
+        room = random_name()
+        await c.join(room)
+        view = await c.live_view("db-" + table)
+        events: asyncio.Queue[str] = asyncio.Queue()
+        c.on_state(lambda event, detail: events.put_nowait(event))
+        # Renewed before expiry, three times: the relay interrupts nothing, says nothing.
+        for _ in range(3):
+            assert await asyncio.wait_for(events.get(), 10) == "authenticated"
+        assert c.stats.expiries == 0
+        # Now the provider stalls past the token's exp: the session lapses.
+        tokens.gate = asyncio.Event()
+        while await asyncio.wait_for(events.get(), 10) != "expired":
+            pass
+        written = await db.fetchval(
+            f"INSERT INTO {table} (owner_id, account_id, status) VALUES ('a', '1', 'open')"
+            " RETURNING id::text"
+        )
+        tokens.ttl = 3600
+        tokens.gate.set()
+        tokens.gate = None
+        while await asyncio.wait_for(events.get(), 10) != "renewed":
+            pass
+        await until_seen(view, written)  # committed while paused, replayed on renewal
+        heard = c.messages(room)
+        await c.publish(room, "still here")
+        assert (await asyncio.wait_for(anext(heard), 5)).data == "still here"
+        assert c.stats.connections == 1  # all on one socket
+        assert view_rows(view) == await expected_rows(db, table, readable("a", "1"))
+
+
+# --- never losing the place ------------------------------------------------------------------
+
+USERS = [("alice", "1"), ("bob", "1"), ("carol", "2"), ("dave", "2")]
+STATUSES = ["open", "done", "draft", None]
+FILTERS = {
+    "alice": "status=in.(open,done)",
+    "bob": None,
+    "carol": "status=neq.done",
+    "dave": "status=eq.open",
+}
+FILTER_SQL = {
+    "alice": "status IN ('open', 'done')",
+    "bob": "true",
+    "carol": "status <> 'done'",
+    "dave": "status = 'open'",
+}
+
+
+class Writer:
+    """Random writes: inserts, updates of status and data, moves between accounts and
+    owners, deletes, some of several rows in one statement or transaction."""
+
+    def __init__(self, db: asyncpg.Connection, table: str, seed: int) -> None:
+        self.db, self.table = db, table
+        self.rnd = random.Random(seed)
+        self.writes = 0  # rows written
+        self.statements = 0
+
+    async def step(self) -> None:
+        rnd, t = self.rnd, self.table
+        owner, account = rnd.choice(USERS)
+        op = rnd.random()
+        if op < 0.35 or self.writes < 50:
+            n = rnd.choice([1, 1, 1, 3])
+            status = rnd.choice(STATUSES)
+            done = await self.db.execute(
+                f"INSERT INTO {t} (owner_id, account_id, status, data)"
+                " SELECT $1, $2, $3, jsonb_build_object('n', g) FROM generate_series(1, $4) g",
+                owner,
+                account,
+                status,
+                n,
+            )
+        elif op < 0.6:
+            done = await self.db.execute(
+                f"UPDATE {t} SET status = $1, data = jsonb_build_object('u', $2::int)"
+                f" WHERE id = (SELECT id FROM {t} ORDER BY random() LIMIT 1)",
+                rnd.choice(STATUSES),
+                rnd.randrange(1000),
+            )
+        elif op < 0.75:  # move between accounts (and so in and out of sight)
+            done = await self.db.execute(
+                f"UPDATE {t} SET account_id = $1 WHERE id IN"
+                f" (SELECT id FROM {t} ORDER BY random() LIMIT $2)",
+                rnd.choice(["1", "2", "3"]),
+                rnd.choice([1, 1, 4]),
+            )
+        elif op < 0.85:
+            done = await self.db.execute(
+                f"UPDATE {t} SET owner_id = $1"
+                f" WHERE id = (SELECT id FROM {t} ORDER BY random() LIMIT 1)",
+                owner,
+            )
+        else:
+            async with self.db.transaction():
+                done = await self.db.execute(
+                    f"DELETE FROM {t} WHERE id IN (SELECT id FROM {t} ORDER BY random() LIMIT $1)",
+                    rnd.choice([1, 1, 2]),
+                )
+        self.statements += 1
+        self.writes += int(done.split()[-1])
+
+
+async def test_views_never_lose_their_place(live_relay, db, repo, pg_url):
+    """≥ 2,000 row writes while the relay restarts, connections drop, sessions
+    expire and the log is pruned under a disconnected client; each view then
+    equals its user's query."""
+    table = await repo("_760_")
+    await add_status(db, table)
+    writer = Writer(db, table, seed=1160)
+    for _ in range(60):
+        await writer.step()  # rows before the views start: they arrive in the snapshot
+
+    tokens = {user: Tokens(user, account) for user, account in USERS}
+    clients = {user: fast(live_relay.url, tokens[user]) for user, _ in USERS}
+    try:
+        await run_and_check(live_relay, db, pg_url, table, writer, tokens, clients)
+    finally:
+        for c in clients.values():
+            await c.close()
+
+
+async def run_and_check(live_relay, db, pg_url, table, writer, tokens, clients) -> None:
+    channel = "db-" + table
+    views: dict[str, LiveView] = {}
+    for user, c in clients.items():
+        await c.start()
+        views[user] = await c.live_view(channel, filter=FILTERS[user])
+    disruptions: dict[str, int] = {"restart": 0, "drop": 0, "expiry": 0, "pruned": 0}
+
+    async def reconnected() -> None:
+        await asyncio.gather(*(c.connected.wait() for c in clients.values()))
+
+    async def prune_log() -> None:
+        # Everything before now goes: clients resuming from before it must reload.
+        conn = await asyncpg.connect(pg_url)  # the writer is busy with its own
+        try:
+            await conn.fetchval("SELECT relay.tick()")
+            await conn.fetchval("SELECT relay.prune(interval '0')")
+        finally:
+            await conn.close()
+
+    async def expire(user: str) -> None:
+        c, t = clients[user], tokens[user]
+        expired = asyncio.Event()
+        stop = c.on_state(lambda event, detail: expired.set() if event == "expired" else None)
+        t.ttl, t.gate = 2, None
+        await c.renew()  # a 2 s session
+        t.gate = asyncio.Event()  # the renewal before exp stalls: the session lapses
+        await asyncio.wait_for(expired.wait(), 10)
+        t.ttl = 3600
+        t.gate.set()
+        t.gate = None
+        stop()
+
+    rnd = random.Random(7)
+    plan = ["restart", "drop", "expiry", "pruned"] * 3
+    rnd.shuffle(plan)
+    done_writing = asyncio.Event()
+
+    async def write() -> None:
+        while writer.writes < 2000 or plan:
+            await writer.step()
+            await asyncio.sleep(0.002)  # pace: the run spans the disruptions
+        done_writing.set()
+
+    async def disrupt() -> None:
+        while plan:
+            await asyncio.sleep(rnd.uniform(0.2, 0.6))
+            kind = plan.pop()
+            if kind == "restart":
+                await live_relay.restart()
+            elif kind == "drop":
+                live_relay.drop_connections()
+            elif kind == "pruned":
+                await live_relay.restart(while_down=prune_log)
+            else:
+                await expire(rnd.choice([u for u, _ in USERS]))
+            disruptions[kind] += 1
+            await reconnected()
+
+    await asyncio.gather(write(), disrupt())
+    # A last row each view must show: once it is in, everything before it is too.
+    marks = {}
+    for user, account in USERS:
+        marks[user] = await db.fetchval(
+            f"INSERT INTO {table} (owner_id, account_id, status) VALUES ($1, $2, 'open')"
+            " RETURNING id::text",
+            user,
+            account,
+        )
+    for user, account in USERS:
+        await until_seen(views[user], marks[user])
+        where = f"{readable(user, account)} AND {FILTER_SQL[user]}"
+        assert view_rows(views[user]) == await expected_rows(db, table, where), user
+        assert views[user].synced.is_set()
+    stats = {u: c.stats for u, c in clients.items()}
+    print(f"writes={writer.writes} statements={writer.statements} {disruptions=} {stats=}")
+    assert writer.writes >= 2000
+    cuts = disruptions["restart"] + disruptions["drop"] + disruptions["pruned"]
+    assert all(s.connections >= 1 + cuts for s in stats.values())
+    assert sum(s.expiries for s in stats.values()) >= 3
+    # The pruned log made every client reload at least once; the rest resumed.
+    assert all(v.snapshots >= 2 for v in views.values())
+    assert all(s.resumes_asked >= 3 for s in stats.values())
