@@ -450,7 +450,7 @@ async def on_auth(state: RelayState, app: App, socket: Socket, frame: ClientFram
         # Re-index db subscriptions under the new identity.
         for name in list(socket.channels):
             if protocol.is_db_channel(name):
-                state.dbhub.subscribe(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
+                state.dbhub.reindex(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
     listener = state.listener
     sessions.arm(
         state.hub, state.dbhub, socket, lambda: listener.position if listener else Position(0)

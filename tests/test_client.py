@@ -223,7 +223,7 @@ async def test_session_renewed_before_expiry_and_after(live_relay, db, repo):
     async with fast(live_relay.url, tokens) as c:
         room = random_name()
         await c.join(room)
-        view = await c.live_view("db-" + table)
+        view = await c.live_view("db-" + table, filter="status=eq.open")
         events: asyncio.Queue[str] = asyncio.Queue()
         c.on_state(lambda event, detail: events.put_nowait(event))
         # Renewed before expiry, three times: the relay interrupts nothing, says nothing.
@@ -234,6 +234,9 @@ async def test_session_renewed_before_expiry_and_after(live_relay, db, repo):
         tokens.gate = asyncio.Event()
         while await asyncio.wait_for(events.get(), 10) != "expired":
             pass
+        await db.execute(  # outside the filter, while paused
+            f"INSERT INTO {table} (owner_id, account_id, status) VALUES ('a', '1', 'done')"
+        )
         written = await db.fetchval(
             f"INSERT INTO {table} (owner_id, account_id, status) VALUES ('a', '1', 'open')"
             " RETURNING id::text"
@@ -244,11 +247,19 @@ async def test_session_renewed_before_expiry_and_after(live_relay, db, repo):
         while await asyncio.wait_for(events.get(), 10) != "renewed":
             pass
         await until_seen(view, written)  # committed while paused, replayed on renewal
+        for status in ("draft", "open"):  # after the renewal: outside the filter, then inside
+            last = await db.fetchval(
+                f"INSERT INTO {table} (owner_id, account_id, status) VALUES ('a', '1', $1)"
+                " RETURNING id::text",
+                status,
+            )
+        await until_seen(view, last)
         heard = c.messages(room)
         await c.publish(room, "still here")
         assert (await asyncio.wait_for(anext(heard), 5)).data == "still here"
         assert c.stats.connections == 1  # all on one socket
-        assert view_rows(view) == await expected_rows(db, table, readable("a", "1"))
+        where = readable("a", "1") + " AND status = 'open'"
+        assert view_rows(view) == await expected_rows(db, table, where)
 
 
 # --- never losing the place ------------------------------------------------------------------
@@ -324,35 +335,75 @@ class Writer:
         self.writes += int(done.split()[-1])
 
 
-async def test_views_never_lose_their_place(live_relay, db, repo, pg_url):
-    """≥ 2,000 row writes while the relay restarts, connections drop, sessions
-    expire and the log is pruned under a disconnected client; each view then
-    equals its user's query."""
-    table = await repo("_760_")
-    await add_status(db, table)
-    writer = Writer(db, table, seed=1160)
-    for _ in range(60):
-        await writer.step()  # rows before the views start: they arrive in the snapshot
+class PythonViews:
+    """The scenario's handle on Python clients: one client and one live view per user."""
 
-    tokens = {user: Tokens(user, account) for user, account in USERS}
-    clients = {user: fast(live_relay.url, tokens[user]) for user, _ in USERS}
-    try:
-        await run_and_check(live_relay, db, pg_url, table, writer, tokens, clients)
-    finally:
-        for c in clients.values():
+    name = "python"
+
+    def __init__(self, url: str) -> None:
+        self.tokens = {user: Tokens(user, account) for user, account in USERS}
+        self.clients = {user: fast(url, self.tokens[user]) for user, _ in USERS}
+        self.views: dict[str, LiveView] = {}
+
+    async def start(self, channel: str) -> None:
+        for user, c in self.clients.items():
+            await c.start()
+            self.views[user] = await c.live_view(channel, filter=FILTERS[user])
+
+    async def close(self) -> None:
+        for c in self.clients.values():
             await c.close()
 
+    async def reconnected(self) -> None:
+        await asyncio.gather(*(c.connected.wait() for c in self.clients.values()))
 
-async def run_and_check(live_relay, db, pg_url, table, writer, tokens, clients) -> None:
-    channel = "db-" + table
-    views: dict[str, LiveView] = {}
-    for user, c in clients.items():
-        await c.start()
-        views[user] = await c.live_view(channel, filter=FILTERS[user])
+    async def expire(self, user: str) -> None:
+        """Let the user's session lapse: a 2 s token whose renewal stalls past its exp."""
+        c, t = self.clients[user], self.tokens[user]
+        events: asyncio.Queue[str] = asyncio.Queue()
+        stop = c.on_state(lambda event, detail: events.put_nowait(event))
+        t.ttl, t.gate = 2, None
+        await c.renew()
+        t.gate = asyncio.Event()
+        while await asyncio.wait_for(events.get(), 10) != "expired":
+            pass
+        t.ttl = 3600
+        t.gate.set()
+        t.gate = None
+        while await asyncio.wait_for(events.get(), 10) != "renewed":
+            pass
+        stop()
+
+    async def rows(self, user: str, until_id: str) -> dict[str, tuple[Any, ...]]:
+        view = self.views[user]
+        await until_seen(view, until_id)
+        assert view.synced.is_set()
+        return view_rows(view)
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for user, c in self.clients.items():
+            st = c.stats
+            out[user] = {
+                "connections": st.connections,
+                "expiries": st.expiries,
+                "snapshots": self.views[user].snapshots,
+                "resumes_asked": st.resumes_asked,
+            }
+        return out
+
+
+async def run_scenario(live_relay: Relay, db, pg_url: str, views: Any, seed: int) -> None:
+    """≥ 2,000 row writes while the relay restarts, connections drop, sessions expire
+    and the log is pruned under disconnected clients; then each user's view must equal
+    the query of what that user may read under its filter."""
+    table = await (await _repo_factory(db))("_760_")
+    await add_status(db, table)
+    writer = Writer(db, table, seed=seed)
+    for _ in range(60):
+        await writer.step()  # rows before the views start: they arrive in the snapshot
+    await views.start("db-" + table)
     disruptions: dict[str, int] = {"restart": 0, "drop": 0, "expiry": 0, "pruned": 0}
-
-    async def reconnected() -> None:
-        await asyncio.gather(*(c.connected.wait() for c in clients.values()))
 
     async def prune_log() -> None:
         # Everything before now goes: clients resuming from before it must reload.
@@ -363,29 +414,14 @@ async def run_and_check(live_relay, db, pg_url, table, writer, tokens, clients) 
         finally:
             await conn.close()
 
-    async def expire(user: str) -> None:
-        c, t = clients[user], tokens[user]
-        expired = asyncio.Event()
-        stop = c.on_state(lambda event, detail: expired.set() if event == "expired" else None)
-        t.ttl, t.gate = 2, None
-        await c.renew()  # a 2 s session
-        t.gate = asyncio.Event()  # the renewal before exp stalls: the session lapses
-        await asyncio.wait_for(expired.wait(), 10)
-        t.ttl = 3600
-        t.gate.set()
-        t.gate = None
-        stop()
-
-    rnd = random.Random(7)
+    rnd = random.Random(seed)
     plan = ["restart", "drop", "expiry", "pruned"] * 3
     rnd.shuffle(plan)
-    done_writing = asyncio.Event()
 
     async def write() -> None:
         while writer.writes < 2000 or plan:
             await writer.step()
-            await asyncio.sleep(0.002)  # pace: the run spans the disruptions
-        done_writing.set()
+            await asyncio.sleep(0.002)  # pace: the writes span the disruptions
 
     async def disrupt() -> None:
         while plan:
@@ -398,31 +434,52 @@ async def run_and_check(live_relay, db, pg_url, table, writer, tokens, clients) 
             elif kind == "pruned":
                 await live_relay.restart(while_down=prune_log)
             else:
-                await expire(rnd.choice([u for u, _ in USERS]))
+                await views.expire(rnd.choice([u for u, _ in USERS]))
             disruptions[kind] += 1
-            await reconnected()
+            await views.reconnected()
 
     await asyncio.gather(write(), disrupt())
     # A last row each view must show: once it is in, everything before it is too.
-    marks = {}
     for user, account in USERS:
-        marks[user] = await db.fetchval(
+        mark = await db.fetchval(
             f"INSERT INTO {table} (owner_id, account_id, status) VALUES ($1, $2, 'open')"
             " RETURNING id::text",
             user,
             account,
         )
-    for user, account in USERS:
-        await until_seen(views[user], marks[user])
         where = f"{readable(user, account)} AND {FILTER_SQL[user]}"
-        assert view_rows(views[user]) == await expected_rows(db, table, where), user
-        assert views[user].synced.is_set()
-    stats = {u: c.stats for u, c in clients.items()}
-    print(f"writes={writer.writes} statements={writer.statements} {disruptions=} {stats=}")
+        got, want = await views.rows(user, mark), await expected_rows(db, table, where)
+        assert got == want, differences(user, got, want)
+    counts = await views.counts()
+    print(
+        f"{views.name}: writes={writer.writes} statements={writer.statements}"
+        f" {disruptions=} {counts=}"
+    )
     assert writer.writes >= 2000
     cuts = disruptions["restart"] + disruptions["drop"] + disruptions["pruned"]
-    assert all(s.connections >= 1 + cuts for s in stats.values())
-    assert sum(s.expiries for s in stats.values()) >= 3
+    assert all(c["connections"] >= 1 + cuts for c in counts.values())
+    assert sum(c["expiries"] for c in counts.values()) >= disruptions["expiry"] == 3
     # The pruned log made every client reload at least once; the rest resumed.
-    assert all(v.snapshots >= 2 for v in views.values())
-    assert all(s.resumes_asked >= 3 for s in stats.values())
+    assert all(c["snapshots"] >= 2 for c in counts.values())
+    assert all(c["resumes_asked"] >= 3 for c in counts.values())
+
+
+def differences(user: str, got: dict[str, Any], want: dict[str, Any]) -> str:
+    extra = {k: got[k] for k in got.keys() - want.keys()}
+    missing = {k: want[k] for k in want.keys() - got.keys()}
+    changed = {k: (got[k], want[k]) for k in got.keys() & want.keys() if got[k] != want[k]}
+    return f"{user}: extra={extra} missing={missing} changed={changed}"
+
+
+async def _repo_factory(db: asyncpg.Connection) -> Any:
+    from tests.conftest import RepoFactory
+
+    return RepoFactory(db)
+
+
+async def test_views_never_lose_their_place(live_relay, db, pg_url):
+    views = PythonViews(live_relay.url)
+    try:
+        await run_scenario(live_relay, db, pg_url, views, seed=1160)
+    finally:
+        await views.close()

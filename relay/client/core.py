@@ -345,6 +345,9 @@ class Client:
 
     def _send_join(self, ch: _Channel) -> None:
         fields = ch.join_fields()
+        log.debug(
+            "join channel=%s fields=%s held=%s", ch.name, fields, not self._token or self._authing
+        )
         if ch.joined or any(r.kind in ("join", "resume") for r in ch.outstanding):
             ch.discard += 1  # a replacing join on a subscribed socket
         if ch.view is not None:
@@ -564,6 +567,7 @@ class Client:
         self._deliver(Message("error", name, text, pos, reason))
 
     def _expired(self) -> None:
+        log.debug("expired paused=%s", [c.name for c in self._channels.values() if c.joined])
         self.stats.expiries += 1
         self._paused = {ch.name for ch in self._channels.values() if ch.joined}
         for ch in self._channels.values():
