@@ -13,6 +13,8 @@ export interface ConnectOptions {
   backoffMax?: number;
   /** Renew the session this many seconds before `exp` (or at 3/4 of a shorter life). Default 30. */
   refreshMargin?: number;
+  /** Give up a connection attempt that has not reached `init` after this many seconds. Default 10. */
+  connectTimeout?: number;
   /** Seconds of silence before the client checks the relay with an echo (0: never). Default 30. */
   heartbeat?: number;
 }

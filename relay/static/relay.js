@@ -227,6 +227,7 @@ export class Client {
     this._backoff = [options.backoffBase ?? 0.25, options.backoffMax ?? 10];
     this._margin = options.refreshMargin ?? 30;
     this._heartbeat = options.heartbeat ?? 30;
+    this._connectTimeout = options.connectTimeout ?? 10;
     this.stats = { connections: 0, auths: 0, expiries: 0, snapshotsAsked: 0, resumesAsked: 0 };
     this.sid = "";
     this.connected = false;
@@ -333,6 +334,7 @@ export class Client {
     this._paused = null;
     this._authPending = false;
     clearTimeout(this._refreshTimer);
+    clearTimeout(this._connectTimer);
     clearInterval(this._beatTimer);
   }
 
@@ -349,6 +351,11 @@ export class Client {
     this._ws = ws;
     this._heard = true;
     this._pinged = false;
+    // A handshake that neither completes nor fails (a relay stopping as it accepted
+    // us) is given up after connectTimeout seconds; `init` ends the wait.
+    this._connectTimer = setTimeout(() => {
+      if (ws === this._ws) this._abandon(ws);
+    }, this._connectTimeout * 1000);
     ws.onmessage = (e) => {
       if (ws !== this._ws) return;
       this._heard = true;
@@ -378,13 +385,25 @@ export class Client {
           this._heard = false;
           this._pinged = false;
         } else if (this._pinged) {
-          ws.close(4100, "no answer");
+          this._abandon(ws); // no answer: the network is gone
         } else {
           this._sendRaw({ type: "echo", data: "ping" });
           this._pinged = true;
         }
       }, this._heartbeat * 1000);
     }
+  }
+
+  _abandon(ws) {
+    // close() on a socket still connecting may report nothing for a while: act now.
+    ws.onclose = ws.onmessage = null;
+    try {
+      ws.close();
+    } catch {}
+    this._ws = null;
+    this._lost();
+    this._attempt += 1;
+    this._retry();
   }
 
   _retry() {
@@ -522,6 +541,7 @@ export class Client {
     const pos = String(frame.pos ?? "");
     switch (type) {
       case "init":
+        clearTimeout(this._connectTimer);
         this.sid = data;
         this.stats.connections += 1;
         this._authenticate();
