@@ -102,7 +102,9 @@ class Tokens:
 
 
 def fast(url: str, tokens: Tokens) -> relay.client.Client:
-    return relay.client.connect(url, tokens, backoff_base=0.05, backoff_max=0.5)
+    return relay.client.connect(
+        url, tokens, backoff_base=0.05, backoff_max=0.5, connect_timeout=2.0
+    )
 
 
 async def add_status(db: asyncpg.Connection, table: str) -> None:

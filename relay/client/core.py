@@ -119,6 +119,7 @@ class Client:
         backoff_base: float = 0.25,
         backoff_max: float = 10.0,
         refresh_margin: float = 30.0,
+        connect_timeout: float = 10.0,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.url = url if "/ws" in url.split("://", 1)[-1] else url.rstrip("/") + "/ws"
@@ -127,6 +128,7 @@ class Client:
         self._heartbeat = heartbeat
         self._backoff = (backoff_base, backoff_max)
         self._margin = refresh_margin
+        self._connect_timeout = connect_timeout
         self._http = session
         self._own_http = session is None
         self.stats = Stats()
@@ -270,9 +272,15 @@ class Client:
         while not self._closed:
             served = False
             try:
-                async with self._http.ws_connect(
-                    self.url, headers=self._headers, heartbeat=self._heartbeat
-                ) as ws:
+                # A handshake that neither completes nor fails (a relay stopping as it
+                # accepted us) is given up after connect_timeout.
+                ws = await asyncio.wait_for(
+                    self._http.ws_connect(
+                        self.url, headers=self._headers, heartbeat=self._heartbeat
+                    ),
+                    self._connect_timeout,
+                )
+                async with ws:
                     served = await self._serve(ws)
             except (aiohttp.ClientError, OSError, TimeoutError) as err:
                 log.info("relay unreachable url=%s error=%s", self.url, type(err).__name__)
