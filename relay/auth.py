@@ -52,8 +52,14 @@ def jwks_client(url: str) -> jwt.PyJWKClient:
     if client is None:
         if len(_JWKS_CLIENTS) >= _MAX_JWKS_CLIENTS:
             _JWKS_CLIENTS.clear()
+        # The key set is cached (and fetched again for an unknown kid); keys are not
+        # cached apart from it, or a key removed from the set would stay valid.
         client = jwt.PyJWKClient(
-            url, cache_keys=True, lifespan=JWKS_CACHE_SECONDS, timeout=int(JWKS_TIMEOUT)
+            url,
+            cache_keys=False,
+            cache_jwk_set=True,
+            lifespan=JWKS_CACHE_SECONDS,
+            timeout=int(JWKS_TIMEOUT),
         )
         _JWKS_CLIENTS[url] = client
     return client

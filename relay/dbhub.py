@@ -23,6 +23,7 @@ import orjson
 from relay import protocol
 from relay.auth import Identity
 from relay.hub import Socket
+from relay.outbox import Body
 from relay.permissions import Mode, can_read, mode_of
 from relay.protocol import CloseCode
 from relay.schema import DEFAULT_APP
@@ -363,16 +364,17 @@ class DbHub:
         held = subs.catching_up
         seen = subs.seen
         overflowed = []
+        body = Body(tail)  # encoded once, queued by reference (relay.outbox)
         for s in targets:
             if seen and s in seen and _already_seen(seen, s, event):
                 continue
-            text = protocol.with_sid(s.id, tail)
             if held and s in held:
+                text = protocol.with_sid(s.id, tail)
                 pos = Position(event.tick, event.seq)
                 if not held[s].hold(pos, text, event.xid, s.queue_bytes or DEFAULT_HELD_BYTES):
                     overflowed.append(s)
             else:
-                s.send(text)
+                s.send_shared(body)
         for s in overflowed:
             log.warning("replay could not catch up sid=%s channel=db-%s", s.id, subs.repo)
             s.close(CloseCode.SLOW_CONSUMER, "slow consumer: could not catch up")
