@@ -10,6 +10,7 @@ query of that user's readable rows under that filter.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -126,8 +127,6 @@ async def expected_rows(
 
 
 def view_rows(view: LiveView) -> dict[str, tuple[Any, ...]]:
-    import json
-
     return {
         key: (
             row["owner_id"],
@@ -262,6 +261,26 @@ async def test_session_renewed_before_expiry_and_after(live_relay, db, repo):
         assert c.stats.connections == 1  # all on one socket
         where = readable("a", "1") + " AND status = 'open'"
         assert view_rows(view) == await expected_rows(db, table, where)
+
+
+async def test_relay_keeps_a_filter_across_a_renewal(relay, client, db, repo):
+    """The relay side of the renewal above, on the raw protocol: a fresh auth before
+    expiry re-indexes the socket's db- subscriptions under the new identity, and must
+    keep their filters (it used to drop them, so every row arrived)."""
+    r = await relay()
+    table = await repo("_760_")
+    await add_status(db, table)
+    c = await client(r)
+    await c.auth(r.token("a", "1", ttl_seconds=600))
+    await c.join("db-" + table, filter="status=eq.open")
+    await c.auth(r.token("a", "1", ttl_seconds=1200))  # another exp: another identity
+    for status in ("done", "open"):
+        await db.execute(
+            f"INSERT INTO {table} (owner_id, account_id, status) VALUES ('a', '1', $1)", status
+        )
+    frame = await c.expect("db_created")
+    assert json.loads(frame["data"])["status"] == "open"
+    await c.silent(0.3)
 
 
 # --- never losing the place ------------------------------------------------------------------
