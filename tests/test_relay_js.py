@@ -5,8 +5,10 @@ unchanged and keeps one live view per user; this test drives it through the
 same scenario as the Python client's (tests/test_client.py): relay restarts,
 dropped TCP connections, lapsed sessions and a pruned log during 2,000+ writes,
 then compares each view with the database. Node 20 has a WebSocket behind
---experimental-websocket (newer ones by default). Skipped only where node is
-missing (CI has it).
+--experimental-websocket (newer ones by default). The same driver
+(tests/js/views_driver.mjs) then runs in headless Chromium, importing
+/relay.js cross-origin as a web page would. Skipped only where node, or
+chromium and the playwright package, are missing (.ci/run installs them).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from relay.auth import mint_token
 from tests.conftest import JWT_SECRET, random_name
 from tests.test_client import FILTERS, USERS, Relay, run_scenario
 
@@ -111,7 +114,7 @@ class NodeViews:
             return
         if self.proc.returncode is None:
             with contextlib.suppress(Exception):
-                await self.call("exit", timeout=5)
+                await self.call("close", timeout=5)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), 5)
             if self.proc.returncode is None:
@@ -180,5 +183,78 @@ async def test_js_views_never_lose_their_place(live_relay, db, pg_url):
     views = NodeViews(live_relay)
     try:
         await run_scenario(live_relay, db, pg_url, views, seed=2026)
+    finally:
+        await views.close()
+
+
+# --- headless Chromium ------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+DRIVER = Path(__file__).parent / "js" / "views_driver.mjs"
+HAVE_CHROMIUM = Path(CHROMIUM).exists()
+DRIVER_SOURCE = DRIVER.read_text()
+
+
+class BrowserViews(NodeViews):
+    """The same driver in a page of headless Chromium: relay.js imported from the
+    relay's /relay.js (cross-origin, as a site would), tokens signed by Python."""
+
+    name = "chromium"
+
+    async def start(self, channel: str) -> None:
+        try:
+            from playwright.async_api import async_playwright
+        except ImportError:
+            pytest.skip("the playwright package is needed for the browser test (pip)")
+        if not HAVE_CHROMIUM:
+            pytest.skip("chromium is needed for the browser test (apt-get install chromium)")
+        self.pw = await async_playwright().start()
+        self.browser = await self.pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        self.page = await self.browser.new_page()
+        await self.page.expose_function(
+            "mint", lambda user, account, ttl: mint_token(JWT_SECRET, user, account, ttl)
+        )
+        spec = [{"user": u, "account": a, "filter": FILTERS[u]} for u, a in USERS]
+        base = f"http://127.0.0.1:{self.relay.port}"
+        await self.page.evaluate(
+            """async ([base, driverSource, users, channel]) => {
+                const relay = await import(base + "/relay.js");
+                const driver = await import(
+                    "data:text/javascript;base64," + btoa(driverSource));
+                window.driver = await driver.createDriver({
+                    relay, mint: window.mint, wsUrl: base.replace(/^http/, "ws") + "/ws",
+                    users, channel,
+                });
+            }""",
+            [base, DRIVER_SOURCE, spec, channel],
+        )
+
+    async def call(self, cmd: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
+        reply: dict[str, Any] = await asyncio.wait_for(
+            self.page.evaluate("cmd => window.driver.run(cmd)", {"cmd": cmd, **args}), timeout
+        )
+        return reply
+
+    async def close(self) -> None:
+        if getattr(self, "browser", None) is not None:
+            with contextlib.suppress(Exception):
+                await self.call("close", timeout=5)
+            await self.browser.close()
+            await self.pw.stop()
+
+
+async def test_browser_views_never_lose_their_place(live_relay, db, pg_url):
+    views = BrowserViews(live_relay)
+    try:
+        await run_scenario(live_relay, db, pg_url, views, seed=4242)
     finally:
         await views.close()
