@@ -168,6 +168,30 @@ async def test_chat_join_publish_and_messages(live_relay):
             await a.publish("elsewhere", "x")
 
 
+async def test_publish_waits_out_a_restart_and_close_ends_the_wait(live_relay):
+    room = random_name()
+    async with fast(live_relay.url, Tokens("a", "1")) as a:
+        await a.join(room)
+        heard = a.messages(room)  # the sender gets its own chan_out too
+        gone = asyncio.Event()
+        a.on_state(lambda event, detail: gone.set() if event == "disconnected" else None)
+        await live_relay.stop()
+        await gone.wait()
+        sending = asyncio.create_task(a.publish(room, "sent while down"))
+        await live_relay.start()
+        await asyncio.wait_for(sending, 10)  # held, then sent once a has rejoined
+        assert (await asyncio.wait_for(anext(heard), 10)).data == "sent while down"
+
+        gone.clear()
+        await live_relay.stop()
+        await gone.wait()
+        stuck = asyncio.create_task(a.publish(room, "never"))
+        await a.close()
+        with pytest.raises(relay.client.Disconnected):
+            await stuck
+        await live_relay.start()
+
+
 async def test_join_refused_and_view_refused(live_relay, repo):
     async with fast(live_relay.url, Tokens("a", "1")) as c:
         with pytest.raises(Refused, match="not a watched table"):

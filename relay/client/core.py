@@ -171,6 +171,14 @@ class Client:
                 await self._task
         for chore in list(self._chores):
             chore.cancel()
+        closed = Disconnected("the client was closed")
+        for _frame, _ch, request in self._held:
+            _fail(request.future, closed)
+        self._held = []
+        for ch in self._channels.values():
+            for waiter in ch.waiters:
+                _fail(waiter, closed)
+            ch.waiters.clear()
         for queues in self._listeners.values():
             for q in queues:
                 q.put_nowait(None)

@@ -323,6 +323,10 @@ export class Client {
     this._ws = null;
     if (ws) ws.close(1000, "client closed");
     this._lost();
+    const closed = new DisconnectedError("the client was closed");
+    for (const { request } of this._held) if (request.reject) request.reject(closed);
+    this._held = [];
+    for (const ch of this._channels.values()) for (const w of ch.waiters.splice(0)) w.reject(closed);
   }
 
   // --- the connection loop ------------------------------------------------------------
