@@ -261,6 +261,13 @@ class DbHub:
             subs.catching_up[socket] = held
         socket.channels.add(protocol.DB_CHANNEL_PREFIX + repo)
 
+    def reindex(self, socket: Socket, repo: str) -> None:
+        """Index the socket's subscription under its new identity (a renewed session),
+        keeping its row filter and any replay in progress."""
+        subs = self.repos.get((socket.app_id, repo))
+        view = subs.views.get(socket) if subs is not None else None
+        self.subscribe(socket, repo, view=view)
+
     def delivered(self, socket: Socket, repo: str, live: Position) -> tuple[Position, str | None]:
         """Where the socket's stream of ``repo`` stands, and its filter: ``live`` (the
         listener's position) once it is live, else how far its replay has got."""

@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import asyncpg
 from aiohttp import WSMsgType, web
@@ -53,6 +54,8 @@ DB_OUTAGE_GRACE = 1.0
 PRUNE_TIMEOUT = 300.0
 # How often a closing slow consumer's transport is checked for being gone.
 LET_GO_POLL = 0.2
+# The JavaScript client, served at /relay.js (an ES module; see relay.d.ts beside it).
+RELAY_JS = Path(__file__).parent / "static" / "relay.js"
 
 
 @dataclass
@@ -139,6 +142,7 @@ def create_app(settings: Settings, database_url: str, jwt_secret: str | None) ->
     app[STATE] = state
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/relay.js", relay_js)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_sockets)
     return app
@@ -267,6 +271,19 @@ async def healthz(request: web.Request) -> web.Response:
             log.error("health check failed reason=pool-wedged pool=%s", body["pool"])
             return web.json_response(body, status=503)
     return web.json_response(body)
+
+
+async def relay_js(request: web.Request) -> web.StreamResponse:
+    """The JavaScript client. Module scripts are fetched with CORS, so any origin may load
+    it (it is public code); revalidated on each load, so an upgraded relay serves its own."""
+    return web.FileResponse(
+        RELAY_JS,
+        headers={
+            "Content-Type": "text/javascript; charset=utf-8",
+            "Access-Control-Allow-Origin": "*",
+            "Cache-Control": "no-cache",
+        },
+    )
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
@@ -497,7 +514,7 @@ async def on_auth(state: RelayState, app: App, socket: Socket, frame: ClientFram
         # Re-index db subscriptions under the new identity.
         for name in list(socket.channels):
             if protocol.is_db_channel(name):
-                state.dbhub.subscribe(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
+                state.dbhub.reindex(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
     listener = state.listener
     sessions.arm(
         state.hub, state.dbhub, socket, lambda: listener.position if listener else Position(0)
