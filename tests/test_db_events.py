@@ -236,6 +236,63 @@ async def test_a_sleeping_listener_is_woken_by_the_writer(relay, client, db, rep
         assert json.loads(frame["data"])["id"] == row_id
 
 
+async def test_reauth_as_another_user_follows_the_new_identity(relay, client, db, repo):
+    """A db- subscription re-authenticated as another user reads what that user may read."""
+    r = await relay()
+    name = await repo("_760_")
+    c = await client(r)
+    await c.auth(r.token("A", "1"))
+    await c.join(f"db-{name}")
+    mine = await insert(db, name, "A", "1")
+    assert ids_of([await c.expect("db_created")]) == [("db_created", mine)]
+    await c.auth(r.token("C", "2"))
+    hidden = await insert(db, name, "A", "1")  # A's: no longer readable on this socket
+    visible = await insert(db, name, "C", "2")
+    assert ids_of([await c.expect("db_created")]) == [("db_created", visible)]
+    await db.execute(f"DELETE FROM {name} WHERE id = $1", hidden)
+    await db.execute(f"UPDATE {name} SET data = '{{}}' WHERE id = $1", visible)
+    assert ids_of([await c.expect("db_updated")]) == [("db_updated", visible)]
+    await c.silent()
+
+
+async def listener_pid(db) -> int | None:
+    pid: int | None = await db.fetchval(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'relay-listener'"
+    )
+    return pid
+
+
+async def test_listener_connection_lost_in_the_middle_of_a_large_tick(relay, client, db, repo):
+    """The listener's connection breaks while it streams one 2,500-row tick
+    (after it dispatched row 1,500): after the reconnect the rest arrives, and
+    nothing of that tick twice."""
+    r = await relay(send_queue_frames=10_000)
+    name = await repo("_744_")
+    c = await client(r)
+    await c.auth(r.token("A", "1"))
+    await c.join(f"db-{name}")
+    before = await listener_pid(db)
+    listener, dbhub = r.state.listener, r.state.dbhub
+    assert listener is not None and before is not None
+    dispatch = dbhub.dispatch
+
+    def dispatch_then_cut(event) -> None:
+        dispatch(event)
+        if event.repo == name and json.loads(event.data)["data"]["n"] == 1500:
+            listener._conn.terminate()  # the connection dies under the cursor
+
+    dbhub.dispatch = dispatch_then_cut  # type: ignore[method-assign]
+    await db.execute(
+        f"INSERT INTO {name} (owner_id, account_id, data)"
+        " SELECT 'A', '1', jsonb_build_object('n', g) FROM generate_series(1, 2500) g ORDER BY g"
+    )
+    got = [json.loads(f["data"])["data"]["n"] for f in await collect(c, 2500, timeout=20)]
+    assert got == list(range(1, 2501))
+    await c.silent()
+    after = await listener_pid(db)
+    assert after is not None and after != before, "the listener did not reconnect"
+
+
 async def test_large_row_arrives_whole(relay, client, db, repo: RepoFactory):
     r = await relay(max_frame_bytes=1024 * 1024)
     name = await repo("_744_")

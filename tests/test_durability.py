@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import RepoFactory, WsClient
+from tests.helpers import collect, eventually
 
 
 async def insert(db: asyncpg.Connection, name: str, owner: str, account: str, n: int = 0) -> str:
@@ -377,21 +378,36 @@ async def test_relay_killed_and_restarted_loses_nothing(client, db, pg_url, repo
         proc.wait(timeout=10)
 
 
+async def new_listener(db: asyncpg.Connection, old: set[int]) -> int | None:
+    """The pid of the relay's listening connection, if it is not one of ``old``."""
+    pids = await db.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'relay-listener'"
+    )
+    fresh = [r["pid"] for r in pids if r["pid"] not in old]
+    return fresh[0] if len(pids) == 1 and fresh else None
+
+
 async def test_listener_terminated_mid_stream_loses_nothing(relay, client, db, pg_url, repo):
     r = await relay()
     name = await repo("_744_")
     c, _ = await subscribed(r, client, name)
     writer = SteadyWriter(pg_url, name).start()
+    received: list[int] = []
+    pids = set()
     for _ in range(3):
-        await asyncio.sleep(0.3)
-        await db.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE application_name = 'relay-listener'"
-        )
-    await asyncio.sleep(0.3)
+        # Some rows flow through the current connection, then it is killed.
+        for frame in await collect(c, 20):
+            received.append(json.loads(frame["data"])["data"]["n"])
+        pid = await eventually(lambda: new_listener(db, pids), what="a new listener connection")
+        pids.add(pid)
+        assert await db.fetchval("SELECT pg_terminate_backend($1)", pid)
+    for frame in await collect(c, 20):  # rows through the fourth connection
+        received.append(json.loads(frame["data"])["data"]["n"])
     await writer.stop()
-    got = [json.loads(f["data"])["data"]["n"] for f in await frames_until_quiet(c, 2.0)]
-    assert got == writer.written
+    rest = await collect(c, len(writer.written) - len(received))
+    received += [json.loads(f["data"])["data"]["n"] for f in rest]
+    assert received == writer.written
+    await c.silent()
 
 
 async def test_resume_big_backlog_while_writes_continue(relay, client, db, pg_url, repo):
