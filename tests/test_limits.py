@@ -11,65 +11,26 @@ import asyncio
 import contextlib
 import json
 import secrets
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable
 
 import aiohttp
-import asyncpg
 import pytest
 from aiohttp import WSMsgType
 
-from relay import plans
 from relay.protocol import CloseCode
 from tests.conftest import RelayHandle, WsClient, random_name
-
-CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
-
-
-async def read_until_closed(
-    c: WsClient | aiohttp.ClientWebSocketResponse, timeout: float = 20.0
-) -> tuple[list[dict[str, Any]], int | None]:
-    """Every text frame up to the close, and the close code."""
-    ws = c.ws if isinstance(c, WsClient) else c
-    frames: list[dict[str, Any]] = []
-    while True:
-        msg = await asyncio.wait_for(ws.receive(), timeout)
-        if msg.type is WSMsgType.TEXT:
-            frames.append(json.loads(msg.data))
-        elif msg.type in CLOSED:
-            code = msg.data if msg.type is WSMsgType.CLOSE else ws.close_code
-            return frames, code
+from tests.helpers import (
+    CLOSED,
+    assert_echoes,
+    eventually,
+    new_app,
+    read_until_closed,
+    sockets_open,
+)
 
 
-async def sockets_open(r: RelayHandle) -> int:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(r.http_url + "/healthz") as resp,
-    ):
-        body = await resp.json()
-        count: int = body["sockets"]
-        return count
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
-
-
-async def assert_echoes(c: WsClient, text: str = "still here") -> None:
-    await c.send(type="echo", data=text)
-    assert (await c.expect("echo"))["data"] == "echo: " + text
-
-
-async def new_app(
-    db: asyncpg.Connection, origins: tuple[str, ...] = (), **plan_caps: int | None
-) -> plans.AppRecord:
-    suffix = secrets.token_hex(4)
-    plan = await plans.create_plan(db, f"plan-{suffix}", **plan_caps)
-    return await plans.create_app(db, f"app-{suffix}", plan=plan.name, origins=origins)
+async def _is(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
 
 
 # --- connection caps --------------------------------------------------------------------------
@@ -94,10 +55,6 @@ async def test_cap_allows_n_refuses_n_plus_one_and_frees_the_slot(relay, client)
     again = await client(r)
     assert again.sid and again.sid not in {c.sid for c in first}
     await assert_echoes(again)
-
-
-async def _is(value: Awaitable[int], expected: int) -> bool:
-    return await value == expected
 
 
 async def test_plan_caps_connections_per_app_by_query_or_header(relay, client, db):
@@ -357,3 +314,93 @@ async def test_peer_that_does_not_answer_pings_is_reaped(relay, client):
     await listening
     assert await sockets_open(r) == 1
     await assert_echoes(healthy)
+
+
+async def flood_until_cut_off(r: RelayHandle, sender: WsClient, room: str, payload: str) -> int:
+    """Publish ``payload`` until the relay holds one socket fewer; return how many were sent.
+
+    Bounded: 2,000 messages are far more than the kernel's socket buffers and the
+    send-queue caps of these tests can hold.
+    """
+    before = len(r.state.hub.sockets)
+    for n in range(1, 2001):
+        await sender.publish(room, f"{n}-{payload}")
+        assert (await sender.expect("chan_out", timeout=30))["data"].startswith(f"{n}-")
+        if len(r.state.hub.sockets) < before:
+            return n
+    raise AssertionError("the slow consumer was never cut off")
+
+
+async def test_send_queue_byte_cap_cuts_off_a_slow_consumer(relay, client):
+    """The frame cap is out of reach (100,000); only the byte cap (256 KiB) can cut it off."""
+    r = await relay(send_queue_frames=100_000, send_queue_bytes=256 * 1024, messages_per_second=0)
+    room = random_name()
+    slow, sender = await client(r), await client(r)
+    for c in (slow, sender):
+        await c.auth(r.token("u", "1"))
+        await c.join(room)
+    await flood_until_cut_off(r, sender, room, "x" * 20_000)
+    _, code = await read_until_closed(slow, timeout=30)
+    assert code == CloseCode.SLOW_CONSUMER == 4001
+    await assert_echoes(sender)
+
+
+async def test_a_cut_off_peer_that_still_reads_nothing_is_dropped(relay, client):
+    """After the 4001 close the relay waits SLOW_CLOSE_SECONDS (10 s) for the
+    peer to read its backlog, then drops the TCP connection."""
+    r = await relay(send_queue_frames=20, messages_per_second=0)
+    room = random_name()
+    slow, sender = await client(r), await client(r)
+    for c in (slow, sender):
+        await c.auth(r.token("u", "1"))
+        await c.join(room)
+    await flood_until_cut_off(r, sender, room, "x" * 20_000)
+    assert r.runner.server is not None
+    # The slow peer's connection is still open (its backlog unread) ...
+    assert len(r.runner.server.connections) == 2
+    # ... until the relay gives up on it; the sender's stays.
+    await eventually(
+        lambda: len(r.runner.server.connections) == 1, timeout=40, what="the peer dropped"
+    )
+    await assert_echoes(sender)
+
+
+async def test_slow_db_subscriber_is_cut_off_and_the_others_get_every_row(relay, client, db, repo):
+    from tests.helpers import insert
+
+    r = await relay(send_queue_frames=50)
+    name = await repo("_744_")
+    fast, slow = await client(r), await client(r)
+    for c in (fast, slow):
+        await c.auth(r.token("A", "1"))
+        await c.join(f"db-{name}")
+    received: list[int] = []
+
+    async def read_fast() -> None:
+        while True:
+            frame = await fast.expect("db_created", timeout=60)
+            received.append(json.loads(frame["data"])["data"]["n"])
+
+    reader = asyncio.create_task(read_fast())
+    written = 0
+    try:
+        while len(r.state.hub.sockets) == 2:
+            assert written < 5000, "the slow db- subscriber was never cut off"
+            await db.execute(
+                f"INSERT INTO {name} (owner_id, account_id, data) SELECT 'A', '1',"
+                " jsonb_build_object('n', g, 'pad', repeat('x', 20000))"
+                " FROM generate_series($1::int, $1::int + 9) g ORDER BY g",
+                written,
+            )
+            written += 10
+            await eventually(lambda w=written: len(received) >= w - 60, timeout=30)
+        frames, code = await read_until_closed(slow, timeout=30)
+        assert code == CloseCode.SLOW_CONSUMER == 4001
+        assert len(frames) < written
+        last = await insert(db, name, "A", "1", written)
+        assert last
+        written += 1
+        await eventually(lambda: len(received) == written, timeout=30, what="every row")
+    finally:
+        reader.cancel()
+    assert received == list(range(written))
