@@ -24,8 +24,8 @@ from aiohttp import WSMsgType
 
 from relay.limits import ERROR_BUDGET
 from relay.protocol import CloseCode
-from relay.server import HARD_FRAME_LIMIT
 from tests.conftest import RelayHandle, WsClient, random_name
+from tests.helpers import read_until_closed
 
 MIB = 1024 * 1024
 # Placeholders in a frame template, filled in with the sender's real values.
@@ -233,20 +233,6 @@ async def test_garbage_from_an_unauthenticated_socket_harms_nobody(relay, client
 # --- the error budget ---------------------------------------------------------------------------
 
 
-async def read_until_closed(c: WsClient, limit: int = 10_000) -> tuple[list[dict[str, Any]], int]:
-    """All text frames until the server closes; returns them and the close code."""
-    frames: list[dict[str, Any]] = []
-    for _ in range(limit):
-        msg = await asyncio.wait_for(c.ws.receive(), 10)
-        if msg.type is WSMsgType.TEXT:
-            frames.append(json.loads(msg.data))
-            continue
-        assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED), msg
-        assert c.ws.close_code is not None
-        return frames, c.ws.close_code
-    raise AssertionError(f"no close after {limit} frames")
-
-
 async def flood(c: WsClient, count: int) -> None:
     """Send ``count`` bad frames; the server may hang up part way, which is the point."""
     with contextlib.suppress(ConnectionError):
@@ -308,12 +294,16 @@ async def test_invalid_utf8_text_frame_closes_only_that_socket(pair: Pair):
 
 
 async def test_frame_over_the_hard_limit_closes_only_that_socket(pair: Pair):
-    text = json.dumps({"type": "echo", "data": "x" * (HARD_FRAME_LIMIT + 1)})
+    """Just over 4 MiB: close 1009 (message too big); just under it: an error frame."""
+    under = json.dumps({"type": "echo", "data": "x" * (4 * MIB - 100)})
+    await pair.sender.send_raw(under)
+    assert "frame too large" in (await pair.sender.expect("error"))["data"]
+    text = json.dumps({"type": "echo", "data": "x" * (4 * MIB + 1)})
     with contextlib.suppress(ConnectionError):
         await pair.sender.send_raw(text)
-    msg = await asyncio.wait_for(pair.sender.ws.receive(), 10)
-    assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR), msg
-    assert pair.sender.ws.closed or msg.type is WSMsgType.CLOSE
+    frames, code = await read_until_closed(pair.sender, timeout=10)
+    assert frames == []
+    assert code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG == 1009
     await pair.bystander.send(type="echo", data="x")
     assert (await pair.bystander.expect("echo"))["data"] == "echo: x"
     other_room_msg = "still flowing"
