@@ -54,3 +54,13 @@ def test_null_columns_match_nobody() -> None:
     mode = mode_of("t_770_")
     assert not can_read(mode, "u", None, None, None)
     assert not can_read(mode, "u", "1", None, None)
+
+
+def test_a_mode_is_an_immutable_value() -> None:
+    """One Mode is shared by every subscriber of a repository: nobody can change it."""
+    import dataclasses
+
+    mode = mode_of("tasks_760_")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        mode.everyone_reads = True  # type: ignore[misc]
+    assert {mode: "760"}[mode_of("other_760_")] == "760"
