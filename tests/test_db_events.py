@@ -6,6 +6,7 @@ separate asyncpg connection, never through the relay.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -67,8 +68,7 @@ async def receive_expected(clients: dict[str, WsClient], expected: dict[str, lis
         for f in frames:
             if f["type"] == "db_deleted":  # the id, nothing of where the row went
                 assert json.loads(f["data"]) == {"id": json.loads(f["data"])["id"]}
-    for c in clients.values():
-        await c.silent(0.3)
+    await asyncio.gather(*(c.silent(0.3) for c in clients.values()))
 
 
 # Every permission digit that matters, alone and together: a mode without the
