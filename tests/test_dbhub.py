@@ -167,3 +167,19 @@ async def test_held_frames_are_bounded_by_the_send_queue_bytes() -> None:
     assert late.closing
     assert "tasks_760_" not in h.repos  # dropped from every index, once
     await asyncio.sleep(0)  # let the close task run to completion
+
+
+def test_held_frames_bounds_are_inclusive_and_sizes_exact() -> None:
+    """Held keeps up to exactly MAX_HELD_FRAMES frames and exactly max_bytes characters."""
+    from relay.dbhub import MAX_HELD_FRAMES, Held
+
+    held = Held()
+    assert held.size == 0
+    assert held.hold("abc", max_bytes=5) and held.size == 3
+    assert held.hold("de", max_bytes=5) and held.size == 5  # exactly at the cap
+    assert not held.hold("f", max_bytes=5)  # one character over
+    assert [held.pop() for _ in range(3)] == ["abc", "de", "f"] and held.size == 0
+
+    many = Held()
+    assert all(many.hold("x", max_bytes=10**9) for _ in range(MAX_HELD_FRAMES))
+    assert not many.hold("x", max_bytes=10**9)  # one frame over

@@ -468,3 +468,59 @@ async def test_resume_across_a_gap_in_tick_ids(relay, client, db, repo: RepoFact
     frame = await c2.expect("db_created")
     assert frame["pos"] == second["pos"]
     await c2.silent()
+
+
+async def test_pruning_while_a_writer_is_open_keeps_its_events(relay, client, db, pg_url, repo):
+    """A transaction that wrote before the prune and commits after it: its
+    event is neither lost live nor on resume, even with everything older pruned."""
+    r = await relay()
+    name = await repo("_744_")
+    c, joined = await subscribed(r, client, name)
+    await insert(db, name, "A", "1", 0)  # committed before: the prune may take it
+    await c.expect("db_created")
+    slow = await asyncpg.connect(pg_url)
+    try:
+        tx = slow.transaction()
+        await tx.start()
+        early = await insert(slow, name, "A", "1", 1)  # written first, committed last
+        await db.fetchval("SELECT relay.tick()")
+        # Retention zero: prune all it can, by age and by size.
+        assert await db.fetchval("SELECT relay.prune('0 seconds'::interval)") >= 1
+        await db.fetchval("SELECT relay.prune('0 seconds'::interval, 1)")
+        late = await insert(db, name, "A", "1", 2)
+        seen = await c.expect("db_created")
+        assert json.loads(seen["data"])["id"] == late
+        await tx.commit()
+    finally:
+        await slow.close()
+    assert json.loads((await c.expect("db_created"))["data"])["id"] == early
+    c2, _ = await subscribed(r, client, name, after=seen["pos"])
+    assert json.loads((await c2.expect("db_created"))["data"])["id"] == early
+    await c.silent()
+    await c2.silent()
+    # The prune did remove what was older: resuming from before it must reload.
+    await c2.send(type="join", data=f"db-{name}", token=c2.token, after=joined["pos"])
+    assert "reload" in (await c2.expect("error"))["data"]
+
+
+async def test_resume_on_another_relay_with_a_position_from_the_first(relay, client, db, repo):
+    """Positions belong to the shared log, not to a relay process: a client that
+    reconnects through another relay resumes exactly where it left off."""
+    one, two = await relay(), await relay()
+    name = await repo("_760_")
+    c, _ = await subscribed(one, client, name)
+    watcher, _ = await subscribed(two, client, name, user="B")
+    first = await insert(db, name, "A", "1")
+    seen = await c.expect("db_created")
+    assert json.loads(seen["data"])["id"] == first
+    await c.close()
+    missed = [await insert(db, name, "A", "1", n) for n in range(3)]
+    await insert(db, name, "C", "2")  # not A's to read
+    # Relay two has dispatched everything so far (its own subscriber saw it).
+    assert [json.loads(f["data"])["id"] for f in await collect(watcher, 4)] == [first, *missed]
+    c2, _ = await subscribed(two, client, name, after=seen["pos"])
+    got = [json.loads(f["data"])["id"] for f in await collect(c2, 3)]
+    assert got == missed
+    live = await insert(db, name, "B", "1")
+    assert json.loads((await c2.expect("db_created"))["data"])["id"] == live
+    await c2.silent()
