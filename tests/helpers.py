@@ -8,7 +8,7 @@
 - ``wait_healthy``: a relay started as a process answers ``/healthz``.
 - ``assert_echoes``: a socket still serves.
 - ``new_app``: an app (tenant) with a fresh plan, through ``relay.plans``.
-- ``relay_cli``: the ``relay`` command as a subprocess.
+- ``run_cli`` / ``relay_cli``: the ``relay`` command as a subprocess (blocking / async).
 - ``listener_sleeping``: the relay's listener has gone to sleep (asks writers for NOTIFY).
 - ``redis_subscribers``: how many relay processes follow a chat channel on Redis.
 - ``require``: skip where a tool is missing, but fail under CI.
@@ -166,22 +166,25 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env | extra
 
 
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """Run ``relay ARGS`` to completion (blocking; see ``relay_cli`` in async tests)."""
+    return subprocess.run(
+        [*CLI, *args],
+        env=env if env is not None else cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 async def relay_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``relay ARGS`` to completion (in a thread, so the event loop keeps serving)."""
-
-    def run() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*CLI, *args],
-            env=env if env is not None else cli_env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-
-    return await asyncio.to_thread(run)
+    """``run_cli`` in a thread, so the event loop (and any relay in it) keeps serving."""
+    return await asyncio.to_thread(run_cli, *args, env=env, timeout=timeout)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:
