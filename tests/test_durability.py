@@ -15,28 +15,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.conftest import RepoFactory, WsClient
-from tests.helpers import collect, eventually
-
-
-async def insert(db: asyncpg.Connection, name: str, owner: str, account: str, n: int = 0) -> str:
-    row_id: str = await db.fetchval(
-        f"INSERT INTO {name} (owner_id, account_id, data) VALUES ($1, $2, $3::jsonb)"
-        " RETURNING id::text",
-        owner,
-        account,
-        json.dumps({"n": n}),
-    )
-    return row_id
-
-
-async def frames_until_quiet(c: WsClient, window: float = 0.8) -> list[dict[str, Any]]:
-    out = []
-    while True:
-        try:
-            out.append(await c.recv(timeout=window))
-        except TimeoutError:
-            return out
+from tests.conftest import RepoFactory
+from tests.helpers import collect, eventually, insert, wait_healthy
 
 
 class SteadyWriter:
@@ -51,6 +31,10 @@ class SteadyWriter:
     def start(self) -> SteadyWriter:
         self._task = asyncio.create_task(self._run())
         return self
+
+    async def wrote(self, count: int) -> None:
+        """Wait until the writer has committed ``count`` rows."""
+        await eventually(lambda: len(self.written) >= count, what=f"{count} rows written")
 
     async def stop(self) -> None:
         self._stop.set()
@@ -104,7 +88,7 @@ async def test_resume_gets_exactly_what_was_missed(relay, client, db, repo: Repo
     await db.execute(f"DELETE FROM {name} WHERE id = $1", missed[1])
 
     c2, _ = await subscribed(r, client, name, after=seen["pos"])
-    got = [(f["type"], json.loads(f["data"])["id"]) for f in await frames_until_quiet(c2)]
+    got = [(f["type"], json.loads(f["data"])["id"]) for f in await collect(c2, 7)]
     assert got == [
         *[("db_created", i) for i in missed],
         ("db_updated", missed[0]),
@@ -124,12 +108,13 @@ async def test_resume_while_writers_keep_writing_has_no_gap_or_duplicate(
     c, joined = await subscribed(r, client, name)
     await c.close()
     writer = SteadyWriter(pg_url, name).start()
-    await asyncio.sleep(0.5)
+    await writer.wrote(50)  # a backlog to replay
     c2, _ = await subscribed(r, client, name, after=joined["pos"])
-    await asyncio.sleep(0.5)
+    await writer.wrote(len(writer.written) + 50)  # and live rows while it replays
     await writer.stop()
-    got = [json.loads(f["data"])["data"]["n"] for f in await frames_until_quiet(c2, 1.5)]
+    got = [json.loads(f["data"])["data"]["n"] for f in await collect(c2, len(writer.written))]
     assert got == writer.written
+    await c2.silent()
 
 
 async def test_late_committer_is_not_skipped_on_resume(relay, client, db, pg_url, repo):
@@ -245,7 +230,10 @@ async def test_interleaved_writers_and_random_resumes(
     stop.set()
     for w in writers:
         await w
-    received.extend(await frames_until_quiet(c, 1.5))
+    # A last row, committed after every writer's: once it arrives, all has.
+    marker = await insert(db, name, "A", "1", -1)
+    while not received or json.loads(received[-1]["data"])["id"] != marker:
+        received.append(await c.recv())
 
     # Exactly once: every row A may read, once; nothing else.
     created = [json.loads(f["data"])["id"] for f in received if f["type"] == "db_created"]
@@ -286,7 +274,7 @@ async def test_prune_by_size_keeps_the_newest_events(relay, client, db, repo: Re
     assert len(kept) < 10
     # A client that saw event 7 resumes; one that saw nothing since joining must reload.
     c2, _ = await subscribed(r, client, name, after=frames[7]["pos"])
-    got = [json.loads(f["data"])["data"]["n"] for f in await frames_until_quiet(c2)]
+    got = [json.loads(f["data"])["data"]["n"] for f in await collect(c2, 2)]
     assert got == [8, 9]
     await c2.send(type="join", data=f"db-{name}", token=c2.token, after=joined["pos"])
     assert "reload" in (await c2.expect("error"))["data"]
@@ -300,8 +288,12 @@ async def test_relay_prunes_by_itself(relay, client, db, repo: RepoFactory):
     await c.expect("db_created")
     await insert(db, name, "A", "1")
     await c.expect("db_created")
-    await asyncio.sleep(1.0)
-    assert await db.fetchval("SELECT count(*) FROM relay.events WHERE repo = $1", name) == 0
+
+    async def pruned() -> bool:
+        count = await db.fetchval("SELECT count(*) FROM relay.events WHERE repo = $1", name)
+        return bool(count == 0)
+
+    await eventually(pruned, what="the log pruned")
     await c.send(type="join", data=f"db-{name}", token=c.token, after=joined["pos"])
     assert "reload" in (await c.expect("error"))["data"]
 
@@ -313,8 +305,6 @@ async def test_relay_killed_and_restarted_loses_nothing(client, db, pg_url, repo
     import signal
     import subprocess
     import sys
-
-    import aiohttp
 
     from relay.auth import mint_token
     from tests.conftest import JWT_SECRET, RelayHandle, free_port
@@ -334,17 +324,12 @@ async def test_relay_killed_and_restarted_loses_nothing(client, db, pg_url, repo
         proc = subprocess.Popen(  # noqa: ASYNC220
             cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        async with aiohttp.ClientSession() as http:
-            for _ in range(200):
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                        if resp.status == 200:
-                            return proc
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-        proc.kill()
-        raise AssertionError("relay did not start")
+        try:
+            await wait_healthy(f"http://127.0.0.1:{port}/healthz", proc, timeout=60)
+        except AssertionError:
+            proc.kill()
+            raise
+        return proc
 
     handle = RelayHandle(None, None, port, JWT_SECRET)  # type: ignore[arg-type]
     token = mint_token(JWT_SECRET, "A", "1")
@@ -362,16 +347,17 @@ async def test_relay_killed_and_restarted_loses_nothing(client, db, pg_url, repo
             position = frame["pos"]
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        await asyncio.sleep(0.5)  # the writer goes on while no relay runs
+        await writer.wrote(len(writer.written) + 20)  # the writer goes on while no relay runs
         proc = await start()
         c2 = await client(handle)
         await c2.auth(token)
         await c2.join(f"db-{name}", after=position)
-        await asyncio.sleep(0.5)
+        await writer.wrote(len(writer.written) + 20)
         await writer.stop()
-        for frame in await frames_until_quiet(c2, 1.5):
+        for frame in await collect(c2, len(writer.written) - len(received)):
             received.append(json.loads(frame["data"])["data"]["n"])
         assert received == writer.written
+        await c2.silent()
     finally:
         await writer.stop()
         proc.kill()
@@ -448,8 +434,9 @@ async def test_resume_big_backlog_while_writes_continue(relay, client, db, pg_ur
         got.append(json.loads((await c2.recv())["data"])["data"]["n"])
     stop.set()
     await task
-    got += [json.loads(f["data"])["data"]["n"] for f in await frames_until_quiet(c2, 1.5)]
+    got += [json.loads(f["data"])["data"]["n"] for f in await collect(c2, len(written) - len(got))]
     assert got == written
+    await c2.silent()
 
 
 async def test_resume_across_a_gap_in_tick_ids(relay, client, db, repo: RepoFactory):
