@@ -13,18 +13,10 @@ import time
 import jwt
 
 from tests.conftest import WsClient, random_name
-from tests.helpers import eventually
+from tests.helpers import eventually, insert
 
 # Tokens carry whole seconds: a 2 s token expires 1-2 s after it is minted.
 EXPIRY_WAIT = 10.0
-
-
-async def insert(db, table: str, owner: str, n: int) -> None:
-    await db.execute(
-        f"INSERT INTO {table} (account_id, owner_id, data) VALUES ('1', $1, $2::jsonb)",
-        owner,
-        json.dumps({"n": n}),
-    )
 
 
 async def expect_n(c: WsClient, type_: str) -> int:
@@ -72,7 +64,7 @@ async def test_expired_session_is_told_and_loses_its_subscriptions(relay, client
     # (Bob, in both, gets each first: the positive control for alice's silence).
     await other.publish(room, "while expired")
     assert (await other.expect("chan_out"))["data"] == "while expired"
-    await insert(db, table, "alice", 1)
+    await insert(db, table, "alice", "1", 1)
     assert await expect_n(other, "db_created") == 1
     await c.silent()
     # And it cannot act on its old socket token.
@@ -96,7 +88,7 @@ async def test_fresh_auth_after_expiry_rejoins_the_paused_channels(relay, client
 
     await other.publish(room, "welcome back")
     assert (await c.expect("chan_out"))["data"] == "welcome back"
-    await insert(db, table, "alice", 2)
+    await insert(db, table, "alice", "1", 2)
     assert await expect_n(c, "db_created") == 2
     await c.publish(room, "and I can talk")
     assert (await c.expect("chan_out"))["data"] == "and I can talk"
@@ -121,7 +113,7 @@ async def test_renewing_before_expiry_interrupts_nothing(relay, client, db, repo
 
     await other.publish(room, "still here")
     assert (await c.expect("chan_out"))["data"] == "still here"
-    await insert(db, table, "alice", 3)
+    await insert(db, table, "alice", "1", 3)
     assert await expect_n(c, "db_created") == 3
 
 
@@ -169,6 +161,6 @@ async def test_session_expiring_during_a_db_join_is_not_subscribed(relay, client
         assert "session expired" in expired["data"]
     refused = await c.expect("error", timeout=EXPIRY_WAIT)
     assert "session expired" in refused["data"] and refused["channel"] == f"db-{table}"
-    await insert(db, table, "alice", 1)
+    await insert(db, table, "alice", "1", 1)
     assert await expect_n(probe, "db_created") == 1
     await c.silent()
