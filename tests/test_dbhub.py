@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import pytest
 
+from relay import protocol
 from relay.auth import Identity
 from relay.dbhub import DbHub, Event, Position
 from relay.hub import Socket
@@ -38,8 +40,7 @@ def event(op: str, owner: str | None, account: str | None, **kw: Any) -> Event:
         row_id='"r1"',
         owner_id=owner,
         account_id=account,
-        data=None if op == "d" else json.dumps({"id": "r1", "owner_id": owner}),
-        **kw,
+        **{"data": None if op == "d" else json.dumps({"id": "r1", "owner_id": owner}), **kw},
     )
 
 
@@ -183,3 +184,42 @@ def test_held_frames_bounds_are_inclusive_and_sizes_exact() -> None:
     many = Held()
     assert all(many.hold("x", max_bytes=10**9) for _ in range(MAX_HELD_FRAMES))
     assert not many.hold("x", max_bytes=10**9)  # one frame over
+
+
+def test_an_event_is_an_immutable_value() -> None:
+    import dataclasses
+
+    e = event("c", owner="A", account="1")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        e.owner_id = "B"  # type: ignore[misc]
+
+
+async def test_without_a_byte_cap_held_frames_stop_at_16_mib(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A socket with no send-queue byte cap may hold 16 MiB of live frames while it
+    replays; past that it is a slow consumer, and the relay.db logger says so."""
+    from aiohttp import web
+
+    h = DbHub()
+    late = Socket(web.WebSocketResponse(), "default", queue_limit=100, queue_bytes=None)
+    late.identity = Identity("A", "1")
+    h.subscribe(late, "tasks_760_", catching_up=True)
+    mib = 1024 * 1024
+    big = json.dumps({"id": "r1", "pad": "x" * mib})
+    frame_size = len(
+        protocol.with_sid(
+            late.id, protocol.encode_tail("db_created", big, "db-tasks_760_", pos="5-1")
+        )
+    )
+    fits = 16 * mib // frame_size
+    for n in range(1, fits + 1):
+        h.dispatch(event("c", owner="A", account="1", seq=n, data=big))
+    assert not late.closing  # just under 16 MiB held
+    with caplog.at_level(logging.WARNING, logger="relay.db"):
+        h.dispatch(event("c", owner="A", account="1", seq=fits + 1, data=big))
+    assert late.closing
+    assert [r.name for r in caplog.records if "could not catch up" in r.getMessage()] == [
+        "relay.db"
+    ]
+    await asyncio.sleep(0)  # let the close task run to completion
