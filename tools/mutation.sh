@@ -66,12 +66,14 @@ workdir() {  # a scratch copy of the tracked files, as they are now
 
 if [ "${1:-}" = "--report" ]; then report; exit 0; fi
 if [ "${1:-}" = "--show" ]; then
-  name=$2; spec=${PLAN[$name]}; dir=$(workdir "$name")
+  # In a copy of its own: never read a cache a running mutmut is writing.
+  name=$2; dir=$(workdir "show-$name")
   cp "$OUT/$name.cache" "$dir/.mutmut-cache"
   cd "$dir"
   for id in $("$MUTMUT" result-ids survived); do
     echo "--- mutant $id"; "$MUTMUT" show "$id" | tail -n +2
   done
+  cd "$ROOT" && rm -rf "$dir"
   exit 0
 fi
 
