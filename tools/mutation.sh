@@ -19,7 +19,9 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 MUTMUT=${MUTMUT:-$ROOT/.venv/bin/mutmut}
 OUT=$ROOT/.mutation
 
-# module name -> "file to mutate|pytest arguments (the tests that cover it)".
+# module name -> "file to mutate|pytest arguments (the tests that cover it)[|scope]".
+# A scope (optional) names the functions, classes or Class.methods to mutate;
+# without one the whole file is mutated.
 # Fast unit tests first (pytest -x stops at the first failure), then the
 # functional tests that exercise the module; the slowest end-to-end tests
 # (writers running for seconds, relay processes killed) are left out.
@@ -27,9 +29,12 @@ FILTER="tests/test_db_events.py::test_permission_suffixes tests/test_db_events.p
 RESUME="tests/test_durability.py::test_resume_gets_exactly_what_was_missed tests/test_durability.py::test_late_committer_is_not_skipped_on_resume tests/test_durability.py::test_resume_from_pruned_position_says_reload tests/test_durability.py::test_malformed_position_is_refused tests/test_durability.py::test_prune_by_size_keeps_the_newest_events tests/test_durability.py::test_resume_big_backlog_while_writes_continue tests/test_durability.py::test_resume_across_a_gap_in_tick_ids tests/test_durability.py::test_resume_on_another_relay_with_a_position_from_the_first"
 DBEVENTS="tests/test_db_events.py::test_contract_example_tasks_760 tests/test_db_events.py::test_update_and_delete_frames tests/test_db_events.py::test_delete_reaches_exactly_the_old_readers tests/test_db_events.py::test_update_moving_account tests/test_db_events.py::test_reauth_as_another_user_follows_the_new_identity tests/test_db_events.py::test_root_token_receives_every_event tests/test_db_events.py::test_unwatched_table_is_refused_and_a_new_watch_is_joinable_at_once"
 LISTEN="tests/test_db_events.py tests/test_durability.py::test_listener_terminated_mid_stream_loses_nothing tests/test_durability.py::test_resume_while_writers_keep_writing_has_no_gap_or_duplicate tests/test_durability.py::test_resume_across_a_gap_in_tick_ids tests/test_durability.py::test_events_carry_positions_and_joined_gives_one"
+# dbhub.py: the permission filter (indexes, readers, audiences) and the replay
+# path (positions, held frames, replay_chunk, release_some), not its constants.
+DBHUB_SCOPE="Held.hold Held.pop Event.pos Event.deleted_data Position RepoSubscribers.add RepoSubscribers.remove RepoSubscribers.readers DbHub audiences audience_of"
 declare -A PLAN=(
   [permissions]="relay/permissions.py|tests/test_permissions.py tests/test_dbhub.py $FILTER"
-  [dbhub]="relay/dbhub.py|tests/test_dbhub.py tests/test_permissions.py $FILTER $RESUME $DBEVENTS"
+  [dbhub]="relay/dbhub.py|tests/test_dbhub.py tests/test_permissions.py $FILTER $RESUME $DBEVENTS|$DBHUB_SCOPE"
   [dbjoin]="relay/dbjoin.py|$RESUME $FILTER $DBEVENTS tests/test_expiry.py::test_session_expiring_during_a_db_join_is_not_subscribed"
   [listener]="relay/listener.py|$LISTEN"
   [hub]="relay/hub.py|tests/test_contract.py tests/test_limits.py tests/test_broker.py tests/test_expiry.py"
@@ -82,9 +87,14 @@ names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${ORDER[@]}")
 for name in "${names[@]}"; do
   spec=${PLAN[$name]:?unknown module $name (one of ${ORDER[*]})}
-  target=${spec%%|*}
-  tests=${spec#*|}
+  IFS='|' read -r target tests scope <<<"$spec"
   dir=$(workdir "$name")
+  scope_args=()
+  if [ -n "$scope" ]; then
+    # shellcheck disable=SC2086
+    "$PY" tools/mutation_scope.py "$target" $scope > "$dir/scope.patch"
+    scope_args=(--use-patch-file scope.patch)
+  fi
   [ -f "$OUT/$name.cache" ] && cp "$OUT/$name.cache" "$dir/.mutmut-cache"
   # The copy's relay/ comes first on sys.path, for pytest and for the relay
   # processes some tests start; no stale bytecode between mutants.
@@ -94,7 +104,7 @@ for name in "${names[@]}"; do
     cd "$dir"
     export PYTHONPATH=$dir PYTHONDONTWRITEBYTECODE=1
     nice -n 10 "$MUTMUT" run --paths-to-mutate "$target" --tests-dir tests/ \
-      --runner "$runner" --simple-output --no-progress -m 3 -b 20 || true
+      --runner "$runner" --simple-output --no-progress -m 3 -b 20 "${scope_args[@]}" || true
   )
   cp "$dir/.mutmut-cache" "$OUT/$name.cache"
   rm -rf "$dir"
