@@ -35,7 +35,7 @@ def event(op: str, owner: str | None, account: str | None, **kw: Any) -> Event:
     return Event(
         tick=5,
         seq=kw.pop("seq", 1),
-        repo="tasks_760_",
+        repo=kw.pop("repo_override", "tasks_760_"),
         op=op,
         row_id='"r1"',
         owner_id=owner,
@@ -219,7 +219,50 @@ async def test_without_a_byte_cap_held_frames_stop_at_16_mib(
     with caplog.at_level(logging.WARNING, logger="relay.db"):
         h.dispatch(event("c", owner="A", account="1", seq=fits + 1, data=big))
     assert late.closing
-    assert [r.name for r in caplog.records if "could not catch up" in r.getMessage()] == [
-        "relay.db"
-    ]
+    assert [
+        r.name
+        for r in caplog.records
+        if r.getMessage() == f"replay could not catch up sid={late.id} channel=db-tasks_760_"
+    ] == ["relay.db"]
+    assert late._close_reason == "slow consumer: could not catch up"  # the 4001 frame's reason
     await asyncio.sleep(0)  # let the close task run to completion
+
+
+def test_positions_are_ordered_immutable_values() -> None:
+    import dataclasses
+
+    assert Position(5, 3) < Position(5, 4) < Position(6, 1)
+    assert sorted([Position(6, 1), Position(5, 4), Position(5, 3)])[0] == Position(5, 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Position(5, 3).tick = 6  # type: ignore[misc]
+    assert Position(7) == Position(7, None) and str(Position(7)) == "7"
+
+
+def test_malformed_positions_say_what_is_expected() -> None:
+    for text in ("x-1", "yesterday", "1-2-3", ""):
+        with pytest.raises(ValueError) as refused:
+            Position.parse(text)
+        assert str(refused.value) == (f"not a position: {text!r} (expected 'tick-seq' or 'tick')")
+
+
+def test_leaving_keeps_the_others_indexed(hub) -> None:
+    """A and B share account 1: when A leaves, B still gets account 1's events."""
+    h, s = hub
+    h.unsubscribe(s["A"], "tasks_760_")
+    h.dispatch(event("c", owner="Q", account="1"))
+    assert sent(s["A"]) == []
+    assert [f["type"] for f in sent(s["B"])] == ["db_created"]
+
+
+def test_a_socket_without_an_account_leaves_every_index() -> None:
+    """No account claim: indexed by user only; after leaving, its own rows no longer reach it."""
+    h = DbHub()
+    loner, other = make_socket("L", None), make_socket("O", "1")
+    for sock in (loner, other):
+        h.subscribe(sock, "tasks_700_")
+    h.dispatch(event("c", owner="L", account=None, repo_override="tasks_700_"))
+    assert [f["type"] for f in sent(loner)] == ["db_created"]
+    h.unsubscribe(loner, "tasks_700_")
+    h.dispatch(event("c", owner="L", account=None, repo_override="tasks_700_"))
+    assert sent(loner) == []
+    assert h.repos["tasks_700_"].by_user.keys() == {"O"}
