@@ -266,3 +266,25 @@ def test_a_socket_without_an_account_leaves_every_index() -> None:
     h.dispatch(event("c", owner="L", account=None, repo_override="tasks_700_"))
     assert sent(loner) == []
     assert h.repos["tasks_700_"].by_user.keys() == {"O"}
+
+
+def test_replay_reaches_only_a_socket_that_is_catching_up(hub) -> None:
+    h, s = hub
+    missed = [
+        event("c", owner="A", account="1", seq=1),  # not after the position
+        event("c", owner="A", account="1", seq=3),
+        event("c", owner="A", account="1", seq=4, repo_override="other_760_"),
+    ]
+    # A live subscriber, and a socket that never joined, get no replay.
+    assert h.replay_chunk(s["A"], "tasks_760_", missed, Position(5, 2)) == 0
+    assert sent(s["A"]) == []
+    stranger = make_socket("A", "1")
+    assert h.replay_chunk(stranger, "tasks_760_", missed, Position(5, 2)) == 0
+    assert sent(stranger) == []
+    late = make_socket("A", "1")
+    h.subscribe(late, "tasks_760_", catching_up=True)
+    assert h.replay_chunk(late, "tasks_760_", missed, Position(5, 2)) == 1
+    assert [f["pos"] for f in sent(late)] == ["5-3"]
+    late.identity = None  # (a socket whose session is gone)
+    assert h.replay_chunk(late, "tasks_760_", missed, Position(5, 2)) == 0
+    assert sent(late) == []
