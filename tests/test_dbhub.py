@@ -283,8 +283,21 @@ def test_replay_reaches_only_a_socket_that_is_catching_up(hub) -> None:
     assert sent(stranger) == []
     late = make_socket("A", "1")
     h.subscribe(late, "tasks_760_", catching_up=True)
-    assert h.replay_chunk(late, "tasks_760_", missed, Position(5, 2)) == 1
-    assert [f["pos"] for f in sent(late)] == ["5-3"]
+    missed.append(event("u", owner="A", account="1", seq=5, old_owner_id="A", old_account_id="1"))
+    assert h.replay_chunk(late, "tasks_760_", missed, Position(5, 2)) == 2  # frames sent
+    replayed = sent(late)
+    assert [(f["type"], f["pos"], f["channel"]) for f in replayed] == [
+        ("db_created", "5-3", "db-tasks_760_"),
+        ("db_updated", "5-5", "db-tasks_760_"),
+    ]
+    assert all(f["sid"] == late.id for f in replayed)
     late.identity = None  # (a socket whose session is gone)
     assert h.replay_chunk(late, "tasks_760_", missed, Position(5, 2)) == 0
     assert sent(late) == []
+
+
+def test_release_of_a_socket_that_is_not_catching_up_is_done_at_once(hub) -> None:
+    h, s = hub
+    assert h.release_some(s["A"], "tasks_760_", 10) is True  # live already
+    assert h.release_some(s["A"], "no_such_repo", 10) is True
+    assert sent(s["A"]) == []
