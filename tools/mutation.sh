@@ -45,18 +45,42 @@ ORDER=(permissions dbhub dbjoin listener hub broker)
 report() {
   for name in "${ORDER[@]}"; do
     [ -f "$OUT/$name.cache" ] || { echo "$name: not run"; continue; }
-    "$PY" - "$OUT/$name.cache" "$name" <<'PY'
+    IFS='|' read -r target _ scope <<<"${PLAN[$name]}"
+    lines=""
+    if [ -n "$scope" ]; then
+      # shellcheck disable=SC2086
+      lines=$("$PY" tools/mutation_scope.py "$target" $scope | "$PY" -c '
+import re, sys
+n = None
+for line in sys.stdin:
+    m = re.match(r"@@ -\S+ \+(\d+)", line)
+    if m:
+        n = int(m.group(1))
+    elif n is not None and not line.startswith("-"):
+        if line.startswith("+"):
+            print(n)
+        n += 1')
+    fi
+    "$PY" - "$OUT/$name.cache" "$name" "$scope" "$lines" <<'PY'
 import sqlite3, sys
-db = sqlite3.connect(sys.argv[1])
-rows = db.execute("SELECT status, count(*) FROM Mutant GROUP BY status").fetchall()
-n = dict(rows)
+cache, name, scope, lines = sys.argv[1:]
+wanted = {int(x) for x in lines.split()} if scope else None
+db = sqlite3.connect(cache)
+n: dict[str, int] = {}
+for status, line in db.execute(
+    "SELECT m.status, l.line_number FROM Mutant m JOIN Line l ON m.line = l.id"
+):
+    if wanted is None or line in wanted:
+        n[status] = n.get(status, 0) + 1
 total = sum(n.values())
 killed = n.get("ok_killed", 0) + n.get("bad_timeout", 0)
 survived = n.get("bad_survived", 0) + n.get("ok_suspicious", 0)
 untested = n.get("untested", 0) + n.get("skipped", 0)
-score = f"{100 * killed / (total - untested):.1f}%" if total - untested else "-"
-print(f"{sys.argv[2]}: killed {killed}/{total - untested} ({score}),"
-      f" survived {survived}, untested {untested}")
+tested = total - untested
+score = f"{100 * killed / tested:.1f}%" if tested else "-"
+where = f" (scope: {scope})" if scope else ""
+print(f"{name}: killed {killed}/{tested} ({score}), survived {survived},"
+      f" untested {untested}{where}")
 PY
   done
 }
