@@ -32,19 +32,9 @@ import pytest
 
 from tests.conftest import free_port
 from tests.helpers import CLI, ok, relay_cli, run_cli, wait_healthy
+from tests.helpers import cli_env as clean_env
 
 STARTUP_SECONDS = 120  # initdb + migrations on a busy 2-core machine
-CLEARED = (
-    "RELAY_DATABASE_URL",
-    "DATABASE_URL",
-    "RELAY_JWT_SECRET",
-    "RELAY_JWT_PUBLIC_KEY",
-    "RELAY_JWT_ACCOUNT_CLAIM",
-    "RELAY_HOST",
-    "RELAY_PORT",
-    "RELAY_MAX_CONNECTIONS",
-    "RELAY_BROKER_URL",
-)
 
 
 @pytest.fixture
@@ -56,8 +46,8 @@ def home() -> Iterator[Path]:
 
 
 def cli_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
-    env["RELAY_DATA_DIR"] = str(home / "data")
+    """The relay command's environment (no RELAY_* settings) with its own data dir."""
+    env = clean_env(RELAY_DATA_DIR=str(home / "data"))
     runtime = home / "xdg"
     runtime.mkdir(mode=0o700, exist_ok=True)
     env["XDG_RUNTIME_DIR"] = str(runtime)
