@@ -511,3 +511,37 @@ async def test_resume_on_another_relay_with_a_position_from_the_first(relay, cli
     live = await insert(db, name, "B", "1")
     assert json.loads((await c2.expect("db_created"))["data"])["id"] == live
     await c2.silent()
+
+
+async def test_the_oldest_kept_tick_is_a_valid_position_and_nothing_before_it(
+    relay, client, db, repo: RepoFactory
+):
+    """The edge of the log: a whole-tick position at the oldest kept tick resumes;
+    an event inside that tick, or any earlier tick, must reload; a tick this relay
+    has not reached is refused. Each refusal says exactly why."""
+    r = await relay()
+    name = await repo("_744_")
+    c, _ = await subscribed(r, client, name)
+    await insert(db, name, "A", "1", 0)
+    await c.expect("db_created")
+    await db.fetchval("SELECT relay.prune('0 seconds'::interval)")
+    oldest = await db.fetchval("SELECT min(id) FROM relay.ticks")
+    row = await insert(db, name, "A", "1", 1)
+    await c.expect("db_created")
+
+    c2, _ = await subscribed(r, client, name, after=str(oldest))
+    assert json.loads((await c2.expect("db_created"))["data"])["id"] == row
+    for too_old in (f"{oldest}-1", str(oldest - 1)):
+        await c2.send(type="join", data=f"db-{name}", token=c2.token, after=too_old)
+        error = await c2.expect("error")
+        assert error["data"] == (
+            f"position {too_old} is older than the event log keeps: "
+            "reload the data, then join without 'after'"
+        )
+    ahead = str(oldest + 1_000_000)
+    await c2.send(type="join", data=f"db-{name}", token=c2.token, after=ahead)
+    assert (await c2.expect("error"))["data"] == f"position {ahead} is unknown to this relay"
+    await c2.send(type="join", data="db-no_such_table_here", token=c2.token)
+    assert (await c2.expect("error"))["data"] == (
+        "cannot join db-no_such_table_here: 'no_such_table_here' is not a watched table"
+    )
