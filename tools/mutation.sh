@@ -73,8 +73,9 @@ for status, line in db.execute(
     if wanted is None or line in wanted:
         n[status] = n.get(status, 0) + 1
 total = sum(n.values())
-killed = n.get("ok_killed", 0) + n.get("bad_timeout", 0)
-survived = n.get("bad_survived", 0) + n.get("ok_suspicious", 0)
+# suspicious: killed, but slowly; timeout: the tests hung on the mutant (caught too)
+killed = n.get("ok_killed", 0) + n.get("ok_suspicious", 0) + n.get("bad_timeout", 0)
+survived = n.get("bad_survived", 0)
 untested = n.get("untested", 0) + n.get("skipped", 0)
 tested = total - untested
 score = f"{100 * killed / tested:.1f}%" if tested else "-"
