@@ -50,8 +50,30 @@ async def test_broker_delivers_subscribed_channels_only(broker_url: str) -> None
 
 
 def test_unknown_scheme_is_refused() -> None:
-    with pytest.raises(ValueError, match="memory:// or redis://"):
+    with pytest.raises(ValueError) as refused:
         create_broker("kafka://x", lambda *_: None)
+    assert str(refused.value) == "unknown broker URL scheme 'kafka': use memory:// or redis://"
+
+
+def test_redis_over_tls_is_a_redis_broker() -> None:
+    from relay.broker.redis import RedisBroker
+
+    # Choosing the broker does not connect: that happens in start().
+    assert isinstance(create_broker("rediss://cache.example:6380/0", lambda *_: None), RedisBroker)
+
+
+async def test_a_closed_redis_broker_leaves_its_channels(redis_url: str) -> None:
+    room = random_name("closing")
+    broker = create_broker(redis_url, lambda *_: None)
+    await broker.start()
+    try:
+        await broker.subscribe("app", room)
+        assert await redis_subscribers(redis_url, room) == 1
+    finally:
+        await broker.close()
+    await eventually(
+        lambda: _equals(redis_subscribers(redis_url, room), 0), what="the channel left"
+    )
 
 
 async def test_two_relays_share_a_channel_through_redis(relay, client, redis_url: str) -> None:
