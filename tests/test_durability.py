@@ -408,6 +408,13 @@ async def test_resume_big_backlog_while_writes_continue(relay, client, db, pg_ur
         " SELECT 'A', '1', jsonb_build_object('n', g) FROM generate_series(0, 9999) g"
     )
     written = list(range(10000))
+    # The backlog must come from the log, not from live frames held back: wait
+    # until the listener has dispatched it (events go out in commit order, so a
+    # row committed after it, in another table, arrives after it).
+    other = await repo("_744_")
+    probe, _ = await subscribed(r, client, other)
+    await insert(db, other, "A", "1")
+    await probe.expect("db_created", timeout=30)
     stop = asyncio.Event()
 
     async def writer() -> None:
