@@ -100,7 +100,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         settings = cls()
-        settings.host = env.get("RELAY_HOST", DEFAULT_HOST)
+        settings.host = env.get("RELAY_HOST") or DEFAULT_HOST
         settings.port = _int(env, "RELAY_PORT", DEFAULT_PORT)
         settings.database_url = env.get("RELAY_DATABASE_URL") or env.get("DATABASE_URL") or None
         if env.get("RELAY_DATA_DIR"):

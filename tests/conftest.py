@@ -261,15 +261,13 @@ def random_name(prefix: str = "room") -> str:
 
 
 def start_redis(port: int, workdir: str) -> Any:
-    """A real redis-server on ``port``, ready to serve (skips if not installed)."""
+    """A real redis-server on ``port``, ready to serve (skips if not installed, fails under CI)."""
     import subprocess
     import time
 
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip(
-            "redis-server is not installed (apt-get install redis-server); .ci/run installs it"
-        )
+    from tests.helpers import require
+
+    binary = require("redis-server", "apt-get install redis-server; .ci/run installs it")
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
         stdout=subprocess.DEVNULL,

@@ -17,12 +17,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -31,20 +31,10 @@ import psutil
 import pytest
 
 from tests.conftest import free_port
+from tests.helpers import CLI, ok, relay_cli, run_cli, wait_healthy
+from tests.helpers import cli_env as clean_env
 
-CLI = [sys.executable, "-m", "relay.cli"]
 STARTUP_SECONDS = 120  # initdb + migrations on a busy 2-core machine
-CLEARED = (
-    "RELAY_DATABASE_URL",
-    "DATABASE_URL",
-    "RELAY_JWT_SECRET",
-    "RELAY_JWT_PUBLIC_KEY",
-    "RELAY_JWT_ACCOUNT_CLAIM",
-    "RELAY_HOST",
-    "RELAY_PORT",
-    "RELAY_MAX_CONNECTIONS",
-    "RELAY_BROKER_URL",
-)
 
 
 @pytest.fixture
@@ -56,28 +46,12 @@ def home() -> Iterator[Path]:
 
 
 def cli_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
-    env["RELAY_DATA_DIR"] = str(home / "data")
+    """The relay command's environment (no RELAY_* settings) with its own data dir."""
+    env = clean_env(RELAY_DATA_DIR=str(home / "data"))
     runtime = home / "xdg"
     runtime.mkdir(mode=0o700, exist_ok=True)
     env["XDG_RUNTIME_DIR"] = str(runtime)
     return env
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args],
-        env=env if env is not None else {k: v for k, v in os.environ.items() if k not in CLEARED},
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result.stdout
 
 
 # --- relay token ------------------------------------------------------------------------------
@@ -122,20 +96,6 @@ def test_token_refuses_when_relay_verifies_with_a_public_key(home: Path):
 
 
 # --- relay serve ------------------------------------------------------------------------------
-
-
-async def wait_healthy(proc: asyncio.subprocess.Process, url: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    async with aiohttp.ClientSession() as http:
-        while True:
-            assert proc.returncode is None, f"relay serve exited early:\n{read_log(log)}"
-            with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                    if resp.status == 200:
-                        return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no /healthz after {STARTUP_SECONDS}s:\n{read_log(log)}")
-            await asyncio.sleep(0.2)
 
 
 def read_log(path: Path) -> str:
@@ -193,7 +153,9 @@ async def test_serve_on_embedded_postgres_token_and_graceful_sigterm(home: Path)
             *CLI, "serve", "--port", str(port), env=env, stdout=out, stderr=subprocess.STDOUT
         )
     try:
-        await wait_healthy(proc, f"http://127.0.0.1:{port}/healthz", log)
+        await wait_healthy(
+            f"http://127.0.0.1:{port}/healthz", proc, STARTUP_SECONDS, lambda: read_log(log)
+        )
         assert (pgdata / "PG_VERSION").exists(), "embedded PostgreSQL not in the data dir"
         pg_pid = postmaster_pid(pgdata)
         assert pg_pid is not None and alive(pg_pid)
@@ -239,12 +201,8 @@ async def test_serve_on_embedded_postgres_token_and_graceful_sigterm(home: Path)
 # --- relay repo ---------------------------------------------------------------------------------
 
 
-def repo_cli(pg_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_cli("repo", "--database-url", pg_url, *args)
-
-
 async def repo_cli_async(pg_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(repo_cli, pg_url, *args)
+    return await relay_cli("repo", "--database-url", pg_url, *args)
 
 
 async def triggers_on(db: asyncpg.Connection, table: str) -> set[str]:
@@ -374,3 +332,90 @@ async def test_repo_watch_without_the_id_column_is_refused(pg_url: str, db: asyn
         assert await triggers_on(db, table) == set()
     finally:
         await db.execute(f"DROP TABLE {table}")
+
+
+# --- relay migrate, serve --no-migrate, SIGINT ----------------------------------------------
+
+
+@pytest.fixture
+async def fresh_database(pg_url: str, db: asyncpg.Connection) -> AsyncIterator[str]:
+    """An empty database on the test PostgreSQL, dropped afterwards."""
+    name = f"cli_{uuid.uuid4().hex[:10]}"
+    await db.execute(f"CREATE DATABASE {name}")
+    yield urlunsplit(urlsplit(pg_url)._replace(path="/" + name))
+    await db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def schema_state(url: str) -> tuple[bool, list[str]]:
+    """(relay.events exists, alembic's recorded versions)."""
+    conn = await asyncpg.connect(url)
+    try:
+        events = await conn.fetchval("SELECT to_regclass('relay.events') IS NOT NULL")
+        has_versions = await conn.fetchval(
+            "SELECT to_regclass('relay.alembic_version') IS NOT NULL"
+        )
+        versions = (
+            [r[0] for r in await conn.fetch("SELECT version_num FROM relay.alembic_version")]
+            if has_versions
+            else []
+        )
+        return events, versions
+    finally:
+        await conn.close()
+
+
+async def serve_and_interrupt(home: Path, url: str, *flags: str) -> None:
+    """``relay serve`` on ``url``: it answers /healthz and a client; SIGINT
+    closes the client with 1001 and the process exits 0."""
+    port = free_port()
+    env = cli_env(home) | {"RELAY_JWT_SECRET": "s" * 40}
+    log = home / f"serve-{port}.log"
+    with log.open("w") as out:
+        proc = await asyncio.create_subprocess_exec(
+            *CLI, "serve", "--database-url", url, "--port", str(port), *flags,
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        await wait_healthy(
+            f"http://127.0.0.1:{port}/healthz", proc, STARTUP_SECONDS, lambda: read_log(log)
+        )
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(f"http://127.0.0.1:{port}/ws", heartbeat=None)
+            assert json.loads((await ws.receive(timeout=10)).data)["type"] == "init"
+            proc.send_signal(signal.SIGINT)
+            msg = await ws.receive(timeout=30)
+            assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1001, msg
+        code = await asyncio.wait_for(proc.wait(), 60)
+        assert code == 0, f"relay serve exited with {code} after SIGINT:\n{read_log(log)}"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_migrate_is_repeatable_and_serve_applies_migrations(home: Path, fresh_database):
+    assert await schema_state(fresh_database) == (False, [])
+    for _ in range(2):
+        out = ok(await relay_cli("migrate", "--database-url", fresh_database))
+        assert out.strip() == "relay schema is up to date"
+        events, versions = await schema_state(fresh_database)
+        assert events and len(versions) == 1
+
+    # serve migrates a database that has not been migrated.
+    await (await asyncpg.connect(fresh_database)).execute("DROP SCHEMA relay CASCADE")
+    await serve_and_interrupt(home, fresh_database)
+    events, versions = await schema_state(fresh_database)
+    assert events and len(versions) == 1
+
+
+async def test_serve_no_migrate_leaves_the_schema_alone(home: Path, fresh_database):
+    ok(await relay_cli("migrate", "--database-url", fresh_database))
+    _, versions = await schema_state(fresh_database)
+    # Alembic now believes nothing was applied: a migrating start would try to
+    # create the schema again (and fail); --no-migrate must not touch it.
+    conn = await asyncpg.connect(fresh_database)
+    await conn.execute("DELETE FROM relay.alembic_version")
+    await conn.close()
+    await serve_and_interrupt(home, fresh_database, "--no-migrate")
+    assert await schema_state(fresh_database) == (True, [])
+    assert versions  # (the migrate above had recorded one)

@@ -6,22 +6,19 @@ real PostgreSQL. Covers: ``init``, ``echo``, ``auth``, ``join``, ``chan_in`` /
 to a channel not joined, without a channel or to a ``db-`` channel, an unknown
 type, a foreign ``sid``); the shape of every server frame; who receives what in
 a channel; app (tenant) isolation by ``pk`` query and ``SB-PUBLIC-KEY`` header;
-unknown public keys; the connection limit; and ``GET /healthz``.
+and ``GET /healthz``. Unknown public keys and connection limits are in test_limits.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 
-from relay.protocol import CloseCode
-from tests.conftest import RelayHandle, WsClient, random_name
+from tests.conftest import RelayHandle, WsClient, app_token, random_name
+from tests.helpers import new_app
 
 FIVE_FIELDS = ("sid", "type", "data", "channel", "token")
 
@@ -64,42 +61,15 @@ async def expect_echo_works(c: WsClient, text: str = "still here") -> None:
     assert frame["data"] == "echo: " + text
 
 
-async def member(relay_handle: RelayHandle, client, user: str, channel: str, **kw) -> WsClient:
-    """A client that connected, authenticated and joined ``channel``."""
+async def member(
+    relay_handle: RelayHandle, client, user: str, channel: str, app: Any = None, **kw
+) -> WsClient:
+    """A client that connected, authenticated and joined ``channel`` (``app``: an app
+    record from relay.plans.create_app, whose own key signs the token)."""
     c = await client(relay_handle, **kw)
-    key = kw.get("pk") or kw.get("headers", {}).get("SB-PUBLIC-KEY")
-    await c.auth(relay_handle.token(user, "acct", audience=await app_id(relay_handle, key)))
+    await c.auth(app_token(app, user, "acct") if app else relay_handle.token(user, "acct"))
     await c.join(channel)
     return c
-
-
-async def app_id(relay_handle: RelayHandle, public_key: str | None) -> str | None:
-    """The id of the app a public key names (its tokens must name it in 'aud')."""
-    if not public_key:
-        return None
-    assert relay_handle.state.apps is not None
-    app = await relay_handle.state.apps.lookup(public_key)
-    assert app is not None
-    return app.id
-
-
-async def expect_close(c: WsClient, code: int) -> None:
-    msg = await asyncio.wait_for(c.ws.receive(), 5)
-    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
-    assert c.ws.close_code == code, f"close code {c.ws.close_code}, expected {code}"
-
-
-async def wait_for_sockets(r: RelayHandle, count: int, within: float = 10.0) -> None:
-    """Poll /healthz until the relay reports ``count`` connected sockets."""
-    deadline = time.monotonic() + within
-    async with aiohttp.ClientSession() as http:
-        while True:
-            async with http.get(r.http_url + "/healthz") as resp:
-                body = await resp.json()
-            if body["sockets"] == count:
-                return
-            assert time.monotonic() < deadline, f"relay still reports {body['sockets']} sockets"
-            await asyncio.sleep(0.05)
 
 
 # --- connect, echo ------------------------------------------------------------------------
@@ -478,34 +448,16 @@ async def test_every_frame_after_init_carries_own_sid_and_five_strings(relay, cl
 # --- apps (tenants) ----------------------------------------------------------------------
 
 
-@pytest.fixture
-async def make_app(db: asyncpg.Connection):
-    created: list[str] = []
-
-    async def make() -> str:
-        app_id = f"app-{uuid.uuid4().hex[:12]}"
-        public_key = f"pk_{uuid.uuid4().hex}"
-        await db.execute(
-            "INSERT INTO relay.apps (id, public_key, plan) VALUES ($1, $2, 'default')",
-            app_id,
-            public_key,
-        )
-        created.append(app_id)
-        return public_key
-
-    yield make
-    if created:
-        await db.execute("DELETE FROM relay.apps WHERE id = ANY($1::text[])", created)
-
-
-async def test_channels_of_different_apps_do_not_leak(relay, client, make_app):
+async def test_channels_of_different_apps_do_not_leak(relay, client, db):
     r = await relay()
-    key_x, key_y = await make_app(), await make_app()
+    x, y_app = [await new_app(db) for _ in range(2)]
+    key_x, key_y = x.public_key, y_app.public_key
+    assert key_x and key_y
     room = random_name()  # the same channel name in every app
     default = await member(r, client, "d", room)
-    x_by_query = await member(r, client, "x1", room, pk=key_x)
-    x_by_header = await member(r, client, "x2", room, headers={"SB-PUBLIC-KEY": key_x})
-    y = await member(r, client, "y", room, pk=key_y)
+    x_by_query = await member(r, client, "x1", room, x, pk=key_x)
+    x_by_header = await member(r, client, "x2", room, x, headers={"SB-PUBLIC-KEY": key_x})
+    y = await member(r, client, "y", room, y_app, pk=key_y)
 
     await default.publish(room, "to default")
     assert (await expect(default, "chan_out"))["data"] == "to default"
@@ -533,58 +485,6 @@ async def test_empty_public_key_means_the_default_app(relay, client):
     await plain.publish(room, "hello")
     for c in (plain, empty_query, empty_header):
         assert (await expect(c, "chan_out"))["data"] == "hello"
-
-
-@pytest.mark.parametrize("how", ["query", "header"])
-async def test_unknown_public_key_gets_error_then_close(relay, client, how):
-    r = await relay()
-    kw: dict[str, Any] = (
-        {"pk": "pk_does_not_exist"}
-        if how == "query"
-        else {"headers": {"SB-PUBLIC-KEY": "pk_does_not_exist"}}
-    )
-    c = await client(r, init=False, **kw)
-    frame = await c.recv()
-    assert frame["type"] == "error"
-    assert "unknown app" in frame["data"]
-    await expect_close(c, CloseCode.POLICY)
-
-
-# --- connection limit ----------------------------------------------------------------------
-
-
-async def test_connection_limit_refuses_the_one_too_many(relay, client):
-    r = await relay(max_connections=2)
-    first = await client(r)
-    second = await client(r)
-
-    third = await client(r, init=False)
-    frame = await third.recv()
-    assert frame["type"] == "error", f"expected an error instead of init, got {frame}"
-    assert "connection limit" in frame["data"]
-    await expect_close(third, CloseCode.POLICY)
-
-    # The two admitted sockets are unaffected.
-    await expect_echo_works(first)
-    await expect_echo_works(second)
-
-    await first.close()
-    await wait_for_sockets(r, 1)
-    fourth = await client(r)  # expects init
-    assert fourth.sid and fourth.sid != second.sid
-    await expect_echo_works(fourth)
-
-
-async def test_connection_limit_is_per_app(relay, client, make_app):
-    r = await relay(max_connections=1)
-    key = await make_app()  # the 'default' plan has no cap
-    await client(r)
-    other_app = [await client(r, pk=key) for _ in range(3)]
-    for c in other_app:
-        await expect_echo_works(c)
-    refused = await client(r, init=False)
-    frame = await refused.recv()
-    assert frame["type"] == "error" and "connection limit" in frame["data"]
 
 
 # --- http --------------------------------------------------------------------------------

@@ -6,14 +6,15 @@ separate asyncpg connection, never through the relay.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
 
-import asyncpg
 import pytest
 
 from tests.conftest import RepoFactory, WsClient
+from tests.helpers import collect, ids_of, insert, listener_sleeping
 
 # The contract's example: A and B in account 1, C alone in account 2.
 USERS = {"A": "1", "B": "1", "C": "2"}
@@ -25,16 +26,6 @@ def may_read(
     """The rule of DESIGN.md, written out independently of relay.permissions."""
     o, g, e = (int(d) for d in mode)
     return bool(e & 4 or (g & 4 and account == row_account) or (o & 4 and user == owner))
-
-
-async def drain(c: WsClient, window: float = 0.6) -> list[dict[str, Any]]:
-    """Every frame that arrives until the socket has been quiet for ``window`` seconds."""
-    frames = []
-    while True:
-        try:
-            frames.append(await c.recv(timeout=window))
-        except TimeoutError:
-            return frames
 
 
 async def settled(relay_handle, client, db, name: str, owner: str, account: str) -> str:
@@ -49,42 +40,126 @@ async def settled(relay_handle, client, db, name: str, owner: str, account: str)
     return row_id
 
 
-async def subscribers(relay_handle, client, name: str) -> dict[str, WsClient]:
+async def subscribers(
+    relay_handle, client, name: str, with_root: bool = False, **extra: str
+) -> dict[str, WsClient]:
+    """A, B and C (USERS), and with ``with_root`` a root token ("root"), each joined to db-NAME."""
     clients = {}
-    for user, account in USERS.items():
+    everyone = [*USERS.items(), *([("root", "none")] if with_root else [])]
+    for user, account in everyone:
         c = await client(relay_handle)
-        await c.auth(relay_handle.token(user, account))
-        await c.join(f"db-{name}")
+        await c.auth(relay_handle.token(user, account, root=user == "root"))
+        await c.join(f"db-{name}", **extra)
         clients[user] = c
     return clients
 
 
-async def insert(db: asyncpg.Connection, name: str, owner: str | None, account: str | None) -> str:
-    row_id: str = await db.fetchval(
-        f"INSERT INTO {name} (owner_id, account_id, data) VALUES ($1, $2, '{{}}')"
-        " RETURNING id::text",
-        owner,
-        account,
-    )
-    return row_id
+async def receive_expected(clients: dict[str, WsClient], expected: dict[str, list[Any]]) -> None:
+    """Each client gets exactly its expected (type, id) frames, in order, then nothing.
+
+    The root client reads everything and its last frame is the last event: once
+    it has arrived, every other client's frames were queued too (one dispatch
+    serves every socket), so the silence checks run after a positive control.
+    """
+    order = ["root", *(user for user in clients if user != "root")]
+    for user in order:
+        frames = await collect(clients[user], len(expected[user]))
+        assert ids_of(frames) == expected[user], user
+        for f in frames:
+            if f["type"] == "db_deleted":  # the id, nothing of where the row went
+                assert json.loads(f["data"]) == {"id": json.loads(f["data"])["id"]}
+    await asyncio.gather(*(c.silent(0.3) for c in clients.values()))
 
 
-@pytest.mark.parametrize("suffix", ["_760_", "_700_", "_744_", "_770_", ""])
+# Every permission digit that matters, alone and together: a mode without the
+# owner bit, one without the group bit, everyone, nobody, and no suffix (740).
+SUFFIXES = ["_760_", "_700_", "_744_", "_770_", "_070_", "_404_", "_004_", "_000_", ""]
+
+
+def verdict(mode: str, user: str, old: tuple[str, str], new: tuple[str, str]) -> str | None:
+    """What an update from ``old`` (owner, account) to ``new`` looks like to ``user``."""
+    before = may_read(mode, user, USERS.get(user, ""), *old) or user == "root"
+    now = may_read(mode, user, USERS.get(user, ""), *new) or user == "root"
+    if before and now:
+        return "db_updated"
+    if before:
+        return "db_deleted"
+    return "db_created" if now else None
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
 async def test_permission_suffixes(relay, client, db, repo: RepoFactory, suffix: str):
     r = await relay()
     name = await repo(suffix)
     mode = suffix.strip("_") or "740"
-    clients = await subscribers(r, client, name)
+    clients = await subscribers(r, client, name, with_root=True)
     rows = [("A", "1"), ("B", "1"), ("C", "2"), ("Z", "1"), ("Z", "2"), ("A", "2")]
-    written = {await insert(db, name, owner, account): (owner, account) for owner, account in rows}
-    for user, c in clients.items():
-        got = {json.loads(f["data"])["id"] for f in await drain(c) if f["type"] == "db_created"}
-        expected = {
-            row_id
-            for row_id, (owner, account) in written.items()
-            if may_read(mode, user, USERS[user], owner, account)
-        }
-        assert got == expected, f"user {user} on {name}"
+    written = [(await insert(db, name, owner, account), owner, account) for owner, account in rows]
+    expected = {
+        user: [
+            ("db_created", row_id)
+            for row_id, owner, account in written
+            if user == "root" or may_read(mode, user, USERS[user], owner, account)
+        ]
+        for user in clients
+    }
+    await receive_expected(clients, expected)
+
+
+# Updates that keep a row in place or move it between owners and accounts.
+MOVES = [
+    (("A", "1"), ("A", "1")),  # data only
+    (("A", "1"), ("A", "2")),  # A's own row leaves account 1
+    (("Z", "1"), ("Z", "2")),  # someone else's row leaves account 1 for account 2
+    (("Z", "2"), ("A", "2")),  # a row of account 2 is handed to A
+    (("A", "1"), ("C", "1")),  # A hands a row to C, the account stays
+    (("Z", "2"), ("Z", "2")),  # invisible to account 1 before and after
+]
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+async def test_updates_and_deletes_reach_old_and_new_readers_live_and_on_resume(
+    relay, client, db, repo: RepoFactory, suffix: str
+):
+    """The same oracle for both filters: live delivery (RepoSubscribers.readers)
+    and replay on resume (audience_of). Losing sight of a row is db_deleted,
+    gaining it db_created, keeping it db_updated; a delete goes to the readers
+    of the deleted row; a root token reads everything."""
+    r = await relay()
+    name = await repo(suffix)
+    mode = suffix.strip("_") or "740"
+    probe = await client(r)
+    await probe.auth(r.token("probe", "none", root=True))
+    await probe.join(f"db-{name}")
+    ids = [await insert(db, name, *old) for old, _ in MOVES]
+    start = (await collect(probe, len(ids)))[-1]["pos"]
+    live = await subscribers(r, client, name, with_root=True)
+
+    for row_id, (_, (owner, account)) in zip(ids, MOVES, strict=True):
+        await db.execute(
+            f"UPDATE {name} SET owner_id = $2, account_id = $3, data = '{{\"moved\": 1}}'"
+            " WHERE id = $1",
+            row_id,
+            owner,
+            account,
+        )
+    gone = ids[1]  # deleted where it was moved to: ("A", "2")
+    await db.execute(f"DELETE FROM {name} WHERE id = $1", gone)
+
+    expected: dict[str, list[tuple[str, str]]] = {}
+    for user in live:
+        frames = []
+        for row_id, (old, new) in zip(ids, MOVES, strict=True):
+            seen = verdict(mode, user, old, new)
+            if seen is not None:
+                frames.append((seen, row_id))
+        if verdict(mode, user, MOVES[1][1], MOVES[1][1]) is not None:
+            frames.append(("db_deleted", gone))
+        expected[user] = frames
+    await receive_expected(live, expected)
+
+    resumed = await subscribers(r, client, name, with_root=True, after=start)
+    await receive_expected(resumed, expected)
 
 
 async def test_contract_example_tasks_760(relay, client, db, repo: RepoFactory):
@@ -144,6 +219,78 @@ async def test_update_moving_account(relay, client, db, repo: RepoFactory):
     assert json.loads(frame["data"])["account_id"] == "2"
     for c in clients.values():
         await c.silent()
+
+
+async def test_a_sleeping_listener_is_woken_by_the_writer(relay, client, db, repo):
+    """With the safety poll an hour away, only the writer's NOTIFY can wake the
+    listener: each row arrives although the listener was asleep when it was written."""
+    r = await relay(poll_seconds=3600)
+    name = await repo("_744_")
+    c = await client(r)
+    await c.auth(r.token("A", "1"))
+    await c.join(f"db-{name}")
+    for n in range(3):
+        await listener_sleeping(db)
+        row_id = await insert(db, name, "A", "1", n)
+        frame = await c.expect("db_created", timeout=20)
+        assert json.loads(frame["data"])["id"] == row_id
+
+
+async def test_reauth_as_another_user_follows_the_new_identity(relay, client, db, repo):
+    """A db- subscription re-authenticated as another user reads what that user may read."""
+    r = await relay()
+    name = await repo("_760_")
+    c = await client(r)
+    await c.auth(r.token("A", "1"))
+    await c.join(f"db-{name}")
+    mine = await insert(db, name, "A", "1")
+    assert ids_of([await c.expect("db_created")]) == [("db_created", mine)]
+    await c.auth(r.token("C", "2"))
+    hidden = await insert(db, name, "A", "1")  # A's: no longer readable on this socket
+    visible = await insert(db, name, "C", "2")
+    assert ids_of([await c.expect("db_created")]) == [("db_created", visible)]
+    await db.execute(f"DELETE FROM {name} WHERE id = $1", hidden)
+    await db.execute(f"UPDATE {name} SET data = '{{}}' WHERE id = $1", visible)
+    assert ids_of([await c.expect("db_updated")]) == [("db_updated", visible)]
+    await c.silent()
+
+
+async def listener_pid(db) -> int | None:
+    pid: int | None = await db.fetchval(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'relay-listener'"
+    )
+    return pid
+
+
+async def test_listener_connection_lost_in_the_middle_of_a_large_tick(relay, client, db, repo):
+    """The listener's connection breaks while it streams one 2,500-row tick
+    (after it dispatched row 1,500): after the reconnect the rest arrives, and
+    nothing of that tick twice."""
+    r = await relay(send_queue_frames=10_000)
+    name = await repo("_744_")
+    c = await client(r)
+    await c.auth(r.token("A", "1"))
+    await c.join(f"db-{name}")
+    before = await listener_pid(db)
+    listener, dbhub = r.state.listener, r.state.dbhub
+    assert listener is not None and before is not None
+    dispatch = dbhub.dispatch
+
+    def dispatch_then_cut(event) -> None:
+        dispatch(event)
+        if event.repo == name and json.loads(event.data)["data"]["n"] == 1500:
+            listener._conn.terminate()  # the connection dies under the cursor
+
+    dbhub.dispatch = dispatch_then_cut  # type: ignore[method-assign]
+    await db.execute(
+        f"INSERT INTO {name} (owner_id, account_id, data)"
+        " SELECT 'A', '1', jsonb_build_object('n', g) FROM generate_series(1, 2500) g ORDER BY g"
+    )
+    got = [json.loads(f["data"])["data"]["n"] for f in await collect(c, 2500, timeout=20)]
+    assert got == list(range(1, 2501))
+    await c.silent()
+    after = await listener_pid(db)
+    assert after is not None and after != before, "the listener did not reconnect"
 
 
 async def test_large_row_arrives_whole(relay, client, db, repo: RepoFactory):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import pytest
 
+from relay import protocol
 from relay.auth import Identity
 from relay.dbhub import DbHub, Event, Position
 from relay.hub import Socket
@@ -36,13 +38,12 @@ def event(op: str, owner: str | None, account: str | None, **kw: Any) -> Event:
     return Event(
         tick=5,
         seq=kw.pop("seq", 1),
-        repo="tasks_760_",
+        repo=kw.pop("repo_override", "tasks_760_"),
         op=op,
         row_id='"r1"',
         owner_id=owner,
         account_id=account,
-        data=None if op == "d" else json.dumps({"id": "r1", "owner_id": owner}),
-        **kw,
+        **{"data": None if op == "d" else json.dumps({"id": "r1", "owner_id": owner}), **kw},
     )
 
 
@@ -183,3 +184,137 @@ async def test_held_frames_are_bounded_by_the_send_queue_bytes() -> None:
     assert late.closing
     assert h.subscribers("default", "tasks_760_") is None  # dropped from every index, once
     await asyncio.sleep(0)  # let the close task run to completion
+
+
+def test_held_frames_bounds_are_inclusive_and_sizes_exact() -> None:
+    """Held keeps up to exactly MAX_HELD_FRAMES frames and exactly max_bytes characters."""
+    from relay.dbhub import MAX_HELD_FRAMES, Held
+
+    held = Held(Position(5))
+    assert held.size == 0
+    assert held.hold(Position(5, 1), "abc", None, max_bytes=5) and held.size == 3
+    assert held.hold(Position(5, 2), "de", None, max_bytes=5) and held.size == 5  # at the cap
+    assert not held.hold(Position(5, 3), "f", None, max_bytes=5)  # one character over
+    assert [held.pop() for _ in range(3)] == ["abc", "de", "f"] and held.size == 0
+    assert held.cursor == Position(5, 3)  # where a paused stream would resume
+
+    many = Held(Position(5))
+    assert all(
+        many.hold(Position(6, 1), "x", None, max_bytes=10**9) for _ in range(MAX_HELD_FRAMES)
+    )
+    assert not many.hold(Position(6, 2), "x", None, max_bytes=10**9)  # one frame over
+
+
+def test_an_event_is_an_immutable_value() -> None:
+    import dataclasses
+
+    e = event("c", owner="A", account="1")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        e.owner_id = "B"  # type: ignore[misc]
+
+
+async def test_without_a_byte_cap_held_frames_stop_at_16_mib(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A socket with no send-queue byte cap may hold 16 MiB of live frames while it
+    replays; past that it is a slow consumer, and the relay.db logger says so."""
+    from aiohttp import web
+
+    h = DbHub()
+    late = Socket(web.WebSocketResponse(), "default", queue_limit=100, queue_bytes=None)
+    late.identity = Identity("A", "1")
+    h.subscribe(late, "tasks_760_", after=Position(5))
+    mib = 1024 * 1024
+    big = json.dumps({"id": "r1", "pad": "x" * mib})
+    frame_size = len(
+        protocol.with_sid(
+            late.id, protocol.encode_tail("db_created", big, "db-tasks_760_", pos="5-1")
+        )
+    )
+    fits = 16 * mib // frame_size
+    for n in range(1, fits + 1):
+        h.dispatch(event("c", owner="A", account="1", seq=n, data=big))
+    assert not late.closing  # just under 16 MiB held
+    with caplog.at_level(logging.WARNING, logger="relay.db"):
+        h.dispatch(event("c", owner="A", account="1", seq=fits + 1, data=big))
+    assert late.closing
+    assert [
+        r.name
+        for r in caplog.records
+        if r.getMessage() == f"replay could not catch up sid={late.id} channel=db-tasks_760_"
+    ] == ["relay.db"]
+    assert late._close_reason == "slow consumer: could not catch up"  # the 4001 frame's reason
+    await asyncio.sleep(0)  # let the close task run to completion
+
+
+def test_positions_are_ordered_immutable_values() -> None:
+    import dataclasses
+
+    assert Position(5, 3) < Position(5, 4) < Position(6, 1)
+    assert sorted([Position(6, 1), Position(5, 4), Position(5, 3)])[0] == Position(5, 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Position(5, 3).tick = 6  # type: ignore[misc]
+    assert Position(7) == Position(7, None) and str(Position(7)) == "7"
+
+
+def test_malformed_positions_say_what_is_expected() -> None:
+    for text in ("x-1", "yesterday", "1-2-3", ""):
+        with pytest.raises(ValueError) as refused:
+            Position.parse(text)
+        assert str(refused.value) == (f"not a position: {text!r} (expected 'tick-seq' or 'tick')")
+
+
+def test_leaving_keeps_the_others_indexed(hub) -> None:
+    """A and B share account 1: when A leaves, B still gets account 1's events."""
+    h, s = hub
+    h.unsubscribe(s["A"], "tasks_760_")
+    h.dispatch(event("c", owner="Q", account="1"))
+    assert sent(s["A"]) == []
+    assert [f["type"] for f in sent(s["B"])] == ["db_created"]
+
+
+def test_a_socket_without_an_account_leaves_every_index() -> None:
+    """No account claim: indexed by user only; after leaving, its own rows no longer reach it."""
+    h = DbHub()
+    loner, other = make_socket("L", None), make_socket("O", "1")
+    for sock in (loner, other):
+        h.subscribe(sock, "tasks_700_")
+    h.dispatch(event("c", owner="L", account=None, repo_override="tasks_700_"))
+    assert [f["type"] for f in sent(loner)] == ["db_created"]
+    h.unsubscribe(loner, "tasks_700_")
+    h.dispatch(event("c", owner="L", account=None, repo_override="tasks_700_"))
+    assert sent(loner) == []
+    subs = h.subscribers("default", "tasks_700_")
+    assert subs is not None and subs.by_user.keys() == {"O"}
+
+
+def test_replay_reaches_only_a_socket_that_is_catching_up(hub) -> None:
+    h, s = hub
+    missed = event("c", owner="A", account="1", seq=3)
+    # A live subscriber, and a socket that never joined, get no replay (None: stop).
+    assert h.replay_event(s["A"], "tasks_760_", missed) is None
+    assert sent(s["A"]) == []
+    stranger = make_socket("A", "1")
+    assert h.replay_event(stranger, "tasks_760_", missed) is None
+    assert sent(stranger) == []
+    late = make_socket("A", "1")
+    h.subscribe(late, "tasks_760_", after=Position(5, 2))
+    update = event("u", owner="A", account="1", seq=5, old_owner_id="A", old_account_id="1")
+    assert h.replay_event(late, "tasks_760_", missed) == 1  # frames sent
+    assert h.replay_event(late, "tasks_760_", update) == 1
+    replayed = sent(late)
+    assert [(f["type"], f["pos"], f["channel"]) for f in replayed] == [
+        ("db_created", "5-3", "db-tasks_760_"),
+        ("db_updated", "5-5", "db-tasks_760_"),
+    ]
+    assert all(f["sid"] == late.id for f in replayed)
+    late.identity = None  # (a socket whose session is gone)
+    assert h.replay_event(late, "tasks_760_", missed) is None
+    assert sent(late) == []
+
+
+def test_release_of_a_socket_that_is_not_catching_up_is_done_at_once(hub) -> None:
+    h, s = hub
+    assert h.release_some(s["A"], "tasks_760_") is True  # live already
+    assert h.release_some(s["A"], "no_such_repo") is True
+    assert sent(s["A"]) == []

@@ -15,27 +15,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.conftest import RepoFactory, WsClient
-
-
-async def insert(db: asyncpg.Connection, name: str, owner: str, account: str, n: int = 0) -> str:
-    row_id: str = await db.fetchval(
-        f"INSERT INTO {name} (owner_id, account_id, data) VALUES ($1, $2, $3::jsonb)"
-        " RETURNING id::text",
-        owner,
-        account,
-        json.dumps({"n": n}),
-    )
-    return row_id
-
-
-async def frames_until_quiet(c: WsClient, window: float = 0.8) -> list[dict[str, Any]]:
-    out = []
-    while True:
-        try:
-            out.append(await c.recv(timeout=window))
-        except TimeoutError:
-            return out
+from tests.conftest import RepoFactory
+from tests.helpers import collect, eventually, insert, wait_healthy
 
 
 class SteadyWriter:
@@ -50,6 +31,10 @@ class SteadyWriter:
     def start(self) -> SteadyWriter:
         self._task = asyncio.create_task(self._run())
         return self
+
+    async def wrote(self, count: int) -> None:
+        """Wait until the writer has committed ``count`` rows."""
+        await eventually(lambda: len(self.written) >= count, what=f"{count} rows written")
 
     async def stop(self) -> None:
         self._stop.set()
@@ -103,7 +88,7 @@ async def test_resume_gets_exactly_what_was_missed(relay, client, db, repo: Repo
     await db.execute(f"DELETE FROM {name} WHERE id = $1", missed[1])
 
     c2, _ = await subscribed(r, client, name, after=seen["pos"])
-    got = [(f["type"], json.loads(f["data"])["id"]) for f in await frames_until_quiet(c2)]
+    got = [(f["type"], json.loads(f["data"])["id"]) for f in await collect(c2, 7)]
     assert got == [
         *[("db_created", i) for i in missed],
         ("db_updated", missed[0]),
@@ -123,12 +108,13 @@ async def test_resume_while_writers_keep_writing_has_no_gap_or_duplicate(
     c, joined = await subscribed(r, client, name)
     await c.close()
     writer = SteadyWriter(pg_url, name).start()
-    await asyncio.sleep(0.5)
+    await writer.wrote(50)  # a backlog to replay
     c2, _ = await subscribed(r, client, name, after=joined["pos"])
-    await asyncio.sleep(0.5)
+    await writer.wrote(len(writer.written) + 50)  # and live rows while it replays
     await writer.stop()
-    got = [json.loads(f["data"])["data"]["n"] for f in await frames_until_quiet(c2, 1.5)]
+    got = [json.loads(f["data"])["data"]["n"] for f in await collect(c2, len(writer.written))]
     assert got == writer.written
+    await c2.silent()
 
 
 async def test_late_committer_is_not_skipped_on_resume(relay, client, db, pg_url, repo):
@@ -244,7 +230,10 @@ async def test_interleaved_writers_and_random_resumes(
     stop.set()
     for w in writers:
         await w
-    received.extend(await frames_until_quiet(c, 1.5))
+    # A last row, committed after every writer's: once it arrives, all has.
+    marker = await insert(db, name, "A", "1", -1)
+    while not received or json.loads(received[-1]["data"])["id"] != marker:
+        received.append(await c.recv())
 
     # Exactly once: every row A may read, once; nothing else.
     created = [json.loads(f["data"])["id"] for f in received if f["type"] == "db_created"]
@@ -285,7 +274,7 @@ async def test_prune_by_size_keeps_the_newest_events(relay, client, db, repo: Re
     assert len(kept) < 10
     # A client that saw event 7 resumes; one that saw nothing since joining must reload.
     c2, _ = await subscribed(r, client, name, after=frames[7]["pos"])
-    got = [json.loads(f["data"])["data"]["n"] for f in await frames_until_quiet(c2)]
+    got = [json.loads(f["data"])["data"]["n"] for f in await collect(c2, 2)]
     assert got == [8, 9]
     await c2.send(type="join", data=f"db-{name}", token=c2.token, after=joined["pos"])
     assert "reload" in (await c2.expect("error"))["data"]
@@ -299,8 +288,12 @@ async def test_relay_prunes_by_itself(relay, client, db, repo: RepoFactory):
     await c.expect("db_created")
     await insert(db, name, "A", "1")
     await c.expect("db_created")
-    await asyncio.sleep(1.0)
-    assert await db.fetchval("SELECT count(*) FROM relay.events WHERE repo = $1", name) == 0
+
+    async def pruned() -> bool:
+        count = await db.fetchval("SELECT count(*) FROM relay.events WHERE repo = $1", name)
+        return bool(count == 0)
+
+    await eventually(pruned, what="the log pruned")
     await c.send(type="join", data=f"db-{name}", token=c.token, after=joined["pos"])
     assert "reload" in (await c.expect("error"))["data"]
 
@@ -312,8 +305,6 @@ async def test_relay_killed_and_restarted_loses_nothing(client, db, pg_url, repo
     import signal
     import subprocess
     import sys
-
-    import aiohttp
 
     from relay.auth import mint_token
     from tests.conftest import JWT_SECRET, RelayHandle, free_port
@@ -333,17 +324,12 @@ async def test_relay_killed_and_restarted_loses_nothing(client, db, pg_url, repo
         proc = subprocess.Popen(  # noqa: ASYNC220
             cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        async with aiohttp.ClientSession() as http:
-            for _ in range(200):
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                        if resp.status == 200:
-                            return proc
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-        proc.kill()
-        raise AssertionError("relay did not start")
+        try:
+            await wait_healthy(f"http://127.0.0.1:{port}/healthz", proc, timeout=60)
+        except AssertionError:
+            proc.kill()
+            raise
+        return proc
 
     handle = RelayHandle(None, None, port, JWT_SECRET)  # type: ignore[arg-type]
     token = mint_token(JWT_SECRET, "A", "1")
@@ -361,20 +347,30 @@ async def test_relay_killed_and_restarted_loses_nothing(client, db, pg_url, repo
             position = frame["pos"]
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        await asyncio.sleep(0.5)  # the writer goes on while no relay runs
+        await writer.wrote(len(writer.written) + 20)  # the writer goes on while no relay runs
         proc = await start()
         c2 = await client(handle)
         await c2.auth(token)
         await c2.join(f"db-{name}", after=position)
-        await asyncio.sleep(0.5)
+        await writer.wrote(len(writer.written) + 20)
         await writer.stop()
-        for frame in await frames_until_quiet(c2, 1.5):
+        for frame in await collect(c2, len(writer.written) - len(received)):
             received.append(json.loads(frame["data"])["data"]["n"])
         assert received == writer.written
+        await c2.silent()
     finally:
         await writer.stop()
         proc.kill()
         proc.wait(timeout=10)
+
+
+async def new_listener(db: asyncpg.Connection, old: set[int]) -> int | None:
+    """The pid of the relay's listening connection, if it is not one of ``old``."""
+    pids = await db.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'relay-listener'"
+    )
+    fresh = [r["pid"] for r in pids if r["pid"] not in old]
+    return fresh[0] if len(pids) == 1 and fresh else None
 
 
 async def test_listener_terminated_mid_stream_loses_nothing(relay, client, db, pg_url, repo):
@@ -382,16 +378,22 @@ async def test_listener_terminated_mid_stream_loses_nothing(relay, client, db, p
     name = await repo("_744_")
     c, _ = await subscribed(r, client, name)
     writer = SteadyWriter(pg_url, name).start()
+    received: list[int] = []
+    pids = set()
     for _ in range(3):
-        await asyncio.sleep(0.3)
-        await db.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE application_name = 'relay-listener'"
-        )
-    await asyncio.sleep(0.3)
+        # Some rows flow through the current connection, then it is killed.
+        for frame in await collect(c, 20):
+            received.append(json.loads(frame["data"])["data"]["n"])
+        pid = await eventually(lambda: new_listener(db, pids), what="a new listener connection")
+        pids.add(pid)
+        assert await db.fetchval("SELECT pg_terminate_backend($1)", pid)
+    for frame in await collect(c, 20):  # rows through the fourth connection
+        received.append(json.loads(frame["data"])["data"]["n"])
     await writer.stop()
-    got = [json.loads(f["data"])["data"]["n"] for f in await frames_until_quiet(c, 2.0)]
-    assert got == writer.written
+    rest = await collect(c, len(writer.written) - len(received))
+    received += [json.loads(f["data"])["data"]["n"] for f in rest]
+    assert received == writer.written
+    await c.silent()
 
 
 async def test_resume_big_backlog_while_writes_continue(relay, client, db, pg_url, repo):
@@ -406,6 +408,13 @@ async def test_resume_big_backlog_while_writes_continue(relay, client, db, pg_ur
         " SELECT 'A', '1', jsonb_build_object('n', g) FROM generate_series(0, 9999) g"
     )
     written = list(range(10000))
+    # The backlog must come from the log, not from live frames held back: wait
+    # until the listener has dispatched it (events go out in commit order, so a
+    # row committed after it, in another table, arrives after it).
+    other = await repo("_744_")
+    probe, _ = await subscribed(r, client, other)
+    await insert(db, other, "A", "1")
+    await probe.expect("db_created", timeout=30)
     stop = asyncio.Event()
 
     async def writer() -> None:
@@ -432,8 +441,9 @@ async def test_resume_big_backlog_while_writes_continue(relay, client, db, pg_ur
         got.append(json.loads((await c2.recv())["data"])["data"]["n"])
     stop.set()
     await task
-    got += [json.loads(f["data"])["data"]["n"] for f in await frames_until_quiet(c2, 1.5)]
+    got += [json.loads(f["data"])["data"]["n"] for f in await collect(c2, len(written) - len(got))]
     assert got == written
+    await c2.silent()
 
 
 async def test_resume_across_a_gap_in_tick_ids(relay, client, db, repo: RepoFactory):
@@ -452,3 +462,93 @@ async def test_resume_across_a_gap_in_tick_ids(relay, client, db, repo: RepoFact
     frame = await c2.expect("db_created")
     assert frame["pos"] == second["pos"]
     await c2.silent()
+
+
+async def test_pruning_while_a_writer_is_open_keeps_its_events(relay, client, db, pg_url, repo):
+    """A transaction that wrote before the prune and commits after it: its
+    event is neither lost live nor on resume, even with everything older pruned."""
+    r = await relay()
+    name = await repo("_744_")
+    c, joined = await subscribed(r, client, name)
+    await insert(db, name, "A", "1", 0)  # committed before: the prune may take it
+    await c.expect("db_created")
+    slow = await asyncpg.connect(pg_url)
+    try:
+        tx = slow.transaction()
+        await tx.start()
+        early = await insert(slow, name, "A", "1", 1)  # written first, committed last
+        await db.fetchval("SELECT relay.tick()")
+        # Retention zero: prune all it can, by age and by size.
+        assert await db.fetchval("SELECT relay.prune('0 seconds'::interval)") >= 1
+        await db.fetchval("SELECT relay.prune('0 seconds'::interval, 1)")
+        late = await insert(db, name, "A", "1", 2)
+        seen = await c.expect("db_created")
+        assert json.loads(seen["data"])["id"] == late
+        await tx.commit()
+    finally:
+        await slow.close()
+    assert json.loads((await c.expect("db_created"))["data"])["id"] == early
+    c2, _ = await subscribed(r, client, name, after=seen["pos"])
+    assert json.loads((await c2.expect("db_created"))["data"])["id"] == early
+    await c.silent()
+    await c2.silent()
+    # The prune did remove what was older: resuming from before it must reload.
+    await c2.send(type="join", data=f"db-{name}", token=c2.token, after=joined["pos"])
+    assert "reload" in (await c2.expect("error"))["data"]
+
+
+async def test_resume_on_another_relay_with_a_position_from_the_first(relay, client, db, repo):
+    """Positions belong to the shared log, not to a relay process: a client that
+    reconnects through another relay resumes exactly where it left off."""
+    one, two = await relay(), await relay()
+    name = await repo("_760_")
+    c, _ = await subscribed(one, client, name)
+    watcher, _ = await subscribed(two, client, name, user="B")
+    first = await insert(db, name, "A", "1")
+    seen = await c.expect("db_created")
+    assert json.loads(seen["data"])["id"] == first
+    await c.close()
+    missed = [await insert(db, name, "A", "1", n) for n in range(3)]
+    await insert(db, name, "C", "2")  # not A's to read
+    # Relay two has dispatched everything so far (its own subscriber saw it).
+    assert [json.loads(f["data"])["id"] for f in await collect(watcher, 4)] == [first, *missed]
+    c2, _ = await subscribed(two, client, name, after=seen["pos"])
+    got = [json.loads(f["data"])["id"] for f in await collect(c2, 3)]
+    assert got == missed
+    live = await insert(db, name, "B", "1")
+    assert json.loads((await c2.expect("db_created"))["data"])["id"] == live
+    await c2.silent()
+
+
+async def test_the_oldest_kept_tick_is_a_valid_position_and_nothing_before_it(
+    relay, client, db, repo: RepoFactory
+):
+    """The edge of the log: a whole-tick position at the oldest kept tick resumes;
+    an event inside that tick, or any earlier tick, must reload; a tick this relay
+    has not reached is refused. Each refusal says exactly why."""
+    r = await relay()
+    name = await repo("_744_")
+    c, _ = await subscribed(r, client, name)
+    await insert(db, name, "A", "1", 0)
+    await c.expect("db_created")
+    await db.fetchval("SELECT relay.prune('0 seconds'::interval)")
+    oldest = await db.fetchval("SELECT min(id) FROM relay.ticks")
+    row = await insert(db, name, "A", "1", 1)
+    await c.expect("db_created")
+
+    c2, _ = await subscribed(r, client, name, after=str(oldest))
+    assert json.loads((await c2.expect("db_created"))["data"])["id"] == row
+    for too_old in (f"{oldest}-1", str(oldest - 1)):
+        await c2.send(type="join", data=f"db-{name}", token=c2.token, after=too_old)
+        error = await c2.expect("error")
+        assert error["data"] == (
+            f"position {too_old} is older than the event log keeps: "
+            "reload the data, then join without 'after'"
+        )
+    ahead = str(oldest + 1_000_000)
+    await c2.send(type="join", data=f"db-{name}", token=c2.token, after=ahead)
+    assert (await c2.expect("error"))["data"] == f"position {ahead} is unknown to this relay"
+    await c2.send(type="join", data="db-no_such_table_here", token=c2.token)
+    assert (await c2.expect("error"))["data"] == (
+        "cannot join db-no_such_table_here: 'no_such_table_here' is not a watched table"
+    )

@@ -24,8 +24,8 @@ from aiohttp import WSMsgType
 
 from relay.limits import ERROR_BUDGET
 from relay.protocol import CloseCode
-from relay.server import HARD_FRAME_LIMIT
 from tests.conftest import RelayHandle, WsClient, random_name
+from tests.helpers import read_until_closed
 
 MIB = 1024 * 1024
 # Placeholders in a frame template, filled in with the sender's real values.
@@ -79,11 +79,11 @@ def assert_readable_error(frame: dict[str, Any], sid: str, *fragments: str) -> N
 
 
 async def assert_unharmed(pair: Pair) -> None:
-    """The sender still works, the bystander saw nothing and still gets channel messages."""
+    """The sender still works, the bystander saw nothing and still gets channel messages
+    (the sender's message is the first frame the bystander gets)."""
     await pair.sender.send(type="echo", data="still here")
     echo = await pair.sender.expect("echo")
     assert echo["data"] == "echo: still here" and echo["sid"] == pair.sender.sid
-    await pair.bystander.silent()
     await pair.sender.publish(pair.room, "after the garbage")
     assert (await pair.sender.expect("chan_out"))["data"] == "after the garbage"
     frame = await pair.bystander.expect("chan_out")
@@ -225,26 +225,13 @@ async def test_garbage_from_an_unauthenticated_socket_harms_nobody(relay, client
     for text in ("nope", "[]", json.dumps({"type": "chan_in", "channel": room, "data": "x"})):
         await intruder.send_raw(text)
         assert (await intruder.recv())["type"] == "error"
-    await member.silent()
+    await member.publish(room, "mine")  # the first thing it hears is its own message
+    assert (await member.expect("chan_out"))["data"] == "mine"
     await intruder.send(type="echo", data="ok")
     assert (await intruder.expect("echo"))["data"] == "echo: ok"
 
 
 # --- the error budget ---------------------------------------------------------------------------
-
-
-async def read_until_closed(c: WsClient, limit: int = 10_000) -> tuple[list[dict[str, Any]], int]:
-    """All text frames until the server closes; returns them and the close code."""
-    frames: list[dict[str, Any]] = []
-    for _ in range(limit):
-        msg = await asyncio.wait_for(c.ws.receive(), 10)
-        if msg.type is WSMsgType.TEXT:
-            frames.append(json.loads(msg.data))
-            continue
-        assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED), msg
-        assert c.ws.close_code is not None
-        return frames, c.ws.close_code
-    raise AssertionError(f"no close after {limit} frames")
 
 
 async def flood(c: WsClient, count: int) -> None:
@@ -265,8 +252,8 @@ async def test_flooding_errors_closes_the_socket_with_4000(pair: Pair, client):
     assert len(frames) > ERROR_BUDGET
     assert all(f["type"] == "error" and "not valid JSON" in f["data"] for f in frames)
 
-    # Everyone else carries on: no stray frames, and the channel still works.
-    await pair.bystander.silent()
+    # Everyone else carries on: no stray frames (the next one is the message), and
+    # the channel still works.
     await other.publish(pair.room, "carry on")
     assert (await pair.bystander.expect("chan_out"))["data"] == "carry on"
     assert (await other.expect("chan_out"))["data"] == "carry on"
@@ -308,12 +295,16 @@ async def test_invalid_utf8_text_frame_closes_only_that_socket(pair: Pair):
 
 
 async def test_frame_over_the_hard_limit_closes_only_that_socket(pair: Pair):
-    text = json.dumps({"type": "echo", "data": "x" * (HARD_FRAME_LIMIT + 1)})
+    """Just over 4 MiB: close 1009 (message too big); just under it: an error frame."""
+    under = json.dumps({"type": "echo", "data": "x" * (4 * MIB - 100)})
+    await pair.sender.send_raw(under)
+    assert "frame too large" in (await pair.sender.expect("error"))["data"]
+    text = json.dumps({"type": "echo", "data": "x" * (4 * MIB + 1)})
     with contextlib.suppress(ConnectionError):
         await pair.sender.send_raw(text)
-    msg = await asyncio.wait_for(pair.sender.ws.receive(), 10)
-    assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR), msg
-    assert pair.sender.ws.closed or msg.type is WSMsgType.CLOSE
+    frames, code = await read_until_closed(pair.sender, timeout=10)
+    assert frames == []
+    assert code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG == 1009
     await pair.bystander.send(type="echo", data="x")
     assert (await pair.bystander.expect("echo"))["data"] == "echo: x"
     other_room_msg = "still flowing"

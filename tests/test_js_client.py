@@ -1,8 +1,9 @@
 """The published StaticBackend JavaScript client (@staticbackend/js) against a real relay.
 
 Node.js runs tests/js/sb_client.mjs with the package installed from the npm
-registry into a temporary directory. Skipped, with the reason, only where
-node or npm is missing (CI has both).
+registry into a temporary directory. Skipped, with the reason, where node or
+npm is missing on a developer's machine; under CI (the ``CI`` environment
+variable set) a missing one fails the test, and ``.ci/run`` installs both.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import random_name
+from tests.helpers import require
 
 SB_JS_VERSION = "1.7.0"
 SCRIPT = Path(__file__).parent / "js" / "sb_client.mjs"
@@ -25,9 +27,8 @@ SCRIPT = Path(__file__).parent / "js" / "sb_client.mjs"
 
 @pytest.fixture(scope="module")
 def sb_js() -> Iterator[tuple[list[str], Path]]:
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("node and npm are needed to run @staticbackend/js")
+    node = require("node", "needed to run @staticbackend/js: apt-get install nodejs npm")
+    npm = require("npm", "needed to install @staticbackend/js: apt-get install nodejs npm")
     workdir = Path(tempfile.mkdtemp(prefix="relay-sbjs-"))
     subprocess.run(
         [

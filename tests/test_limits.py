@@ -11,67 +11,27 @@ import asyncio
 import contextlib
 import json
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 from aiohttp import WSMsgType
 
-from relay import plans
 from relay.protocol import CloseCode
 from tests.conftest import RelayHandle, WsClient, app_token, random_name
-
-CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
-
-
-async def read_until_closed(
-    c: WsClient | aiohttp.ClientWebSocketResponse, timeout: float = 20.0
-) -> tuple[list[dict[str, Any]], int | None]:
-    """Every text frame up to the close, and the close code."""
-    ws = c.ws if isinstance(c, WsClient) else c
-    frames: list[dict[str, Any]] = []
-    while True:
-        msg = await asyncio.wait_for(ws.receive(), timeout)
-        if msg.type is WSMsgType.TEXT:
-            frames.append(json.loads(msg.data))
-        elif msg.type in CLOSED:
-            code = msg.data if msg.type is WSMsgType.CLOSE else ws.close_code
-            return frames, code
+from tests.helpers import (
+    CLOSED,
+    assert_echoes,
+    eventually,
+    new_app,
+    read_until_closed,
+    sockets_open,
+)
 
 
-async def sockets_open(r: RelayHandle) -> int:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(r.http_url + "/healthz") as resp,
-    ):
-        body = await resp.json()
-        count: int = body["sockets"]
-        return count
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
-
-
-async def assert_echoes(c: WsClient, text: str = "still here") -> None:
-    await c.send(type="echo", data=text)
-    assert (await c.expect("echo"))["data"] == "echo: " + text
-
-
-async def new_app(
-    db: asyncpg.Connection, origins: tuple[str, ...] = (), **plan_caps: int | None
-) -> plans.AppRecord:
-    suffix = secrets.token_hex(4)
-    plan = await plans.create_plan(db, f"plan-{suffix}", **plan_caps)
-    app = await plans.create_app(db, f"app-{suffix}", plan=plan.name, origins=origins)
-    assert app.jwt_secret is not None
-    return app
+async def _is(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
 
 
 # --- connection caps --------------------------------------------------------------------------
@@ -98,51 +58,38 @@ async def test_cap_allows_n_refuses_n_plus_one_and_frees_the_slot(relay, client)
     await assert_echoes(again)
 
 
-async def _is(value: Awaitable[int], expected: int) -> bool:
-    return await value == expected
-
-
-async def test_plan_caps_connections_per_app_by_query_or_header(relay, client, db):
+async def test_connection_caps_are_per_app_by_query_or_header(relay, client, db):
+    """An app's plan caps its own connections; the default app's cap is
+    RELAY_MAX_CONNECTIONS; neither counts the other's sockets."""
     app = await new_app(db, max_connections=2)
     assert app.public_key is not None
-    r = await relay()
+    r = await relay(max_connections=1)
+    default = await client(r)
     a = await client(r, pk=app.public_key)
     b = await client(r, headers={"SB-PUBLIC-KEY": app.public_key})
-    refused = await client(r, pk=app.public_key, init=False)
-    frames, code = await read_until_closed(refused)
-    assert [f["type"] for f in frames] == ["error"]
-    assert "connection limit reached" in frames[0]["data"] and "2" in frames[0]["data"]
-    assert code == 1008
-    # The cap is the app's own: the default app still admits connections.
-    others = [await client(r) for _ in range(3)]
-    for c in (a, b, *others):
+    for kw in ({"pk": app.public_key}, {"headers": {"SB-PUBLIC-KEY": app.public_key}}, {}):
+        refused = await client(r, init=False, **kw)
+        frames, code = await read_until_closed(refused)
+        assert [f["type"] for f in frames] == ["error"], kw
+        cap = "1" if not kw else "2"
+        assert f"connection limit reached: this app allows {cap}" in frames[0]["data"]
+        assert code == 1008
+    for c in (default, a, b):
         await assert_echoes(c)
 
 
-async def test_apps_do_not_share_channels(relay, client, db):
-    app = await new_app(db)
-    assert app.public_key is not None
+@pytest.mark.parametrize("how", ["query", "header"])
+async def test_unknown_public_key_is_refused_with_its_own_message(relay, client, how):
     r = await relay()
-    room = random_name()
-    inside = await client(r, pk=app.public_key)
-    outside = await client(r)
-    await inside.auth(app_token(app, "u", "1"))
-    await outside.auth(r.token("u", "1"))
-    for c in (inside, outside):
-        await c.join(room)
-    await outside.publish(room, "default app only")
-    assert (await outside.expect("chan_out"))["data"] == "default app only"
-    await inside.silent()
-
-
-async def test_unknown_public_key_is_refused_with_its_own_message(relay, client):
-    r = await relay()
-    c = await client(r, pk="pk_nobody_has_this_" + secrets.token_hex(4), init=False)
+    key = "pk_nobody_has_this_" + secrets.token_hex(4)
+    kw: dict[str, Any] = {"pk": key} if how == "query" else {"headers": {"SB-PUBLIC-KEY": key}}
+    c = await client(r, init=False, **kw)
     frames, code = await read_until_closed(c)
     assert [f["type"] for f in frames] == ["error"]
+    assert frames[0]["sid"] == ""
     assert "unknown app" in frames[0]["data"]
     assert "connection limit" not in frames[0]["data"]
-    assert code == 1008
+    assert code == CloseCode.POLICY == 1008
 
 
 async def test_absurdly_long_public_key_is_unknown(relay, client):
@@ -216,16 +163,16 @@ async def test_persistent_flooding_closes_only_that_socket_with_4000(relay, clie
     frames, code = await read_until_closed(flooder)
     assert code == CloseCode.ABUSE == 4000
     assert any("rate limit" in f["data"] for f in frames if f["type"] == "error")
-    # The other member got at most what the bucket let through, and carries on.
+    # The other member got at most what the bucket let through, and carries on:
+    # its own message comes after every spam frame that was delivered.
+    await other.send(type="chan_in", channel=room, data="after the flood", token=other.token)
     got = 0
-    with contextlib.suppress(TimeoutError):
-        while True:
-            frame = await other.recv(timeout=1.0)
-            assert frame["type"] == "chan_out" and frame["data"] == "spam"
+    while (frame := await other.recv())["data"] != "after the flood":
+        if frame["type"] != "ok":  # (the answer to its own chan_in)
+            assert frame["type"] == "chan_out" and frame["data"] == "spam", frame
             got += 1
+    assert frame["type"] == "chan_out"
     assert 1 <= got <= 20
-    await other.publish(room, "after the flood")
-    assert (await other.expect("chan_out"))["data"] == "after the flood"
 
 
 async def test_plan_sets_the_message_rate(relay, client, db):
@@ -246,17 +193,13 @@ async def test_plan_sets_the_message_rate(relay, client, db):
 # --- input limits -----------------------------------------------------------------------------
 
 
-async def test_frame_channel_and_membership_limits_are_errors_not_disconnects(relay, client):
+async def test_frame_size_and_channel_count_limits_are_errors_not_disconnects(relay, client):
     r = await relay(max_frame_bytes=2000, max_channels_per_socket=3)
     c = await client(r)
     await c.auth(r.token("u", "1"))
     await c.send(type="echo", data="é" * 1500)  # 1500 characters, 3000 bytes
     error = await c.expect("error")
     assert "frame too large" in error["data"] and "2000" in error["data"]
-    await c.send(type="join", data="x" * 201, token=c.token)
-    assert "channel name too long" in (await c.expect("error"))["data"]
-    await c.send(type="join", data="no spaces please", token=c.token)
-    assert "may contain only" in (await c.expect("error"))["data"]
     rooms = [random_name() for _ in range(4)]
     for room in rooms[:3]:
         await c.join(room)
@@ -361,3 +304,93 @@ async def test_peer_that_does_not_answer_pings_is_reaped(relay, client):
     await listening
     assert await sockets_open(r) == 1
     await assert_echoes(healthy)
+
+
+async def flood_until_cut_off(r: RelayHandle, sender: WsClient, room: str, payload: str) -> int:
+    """Publish ``payload`` until the relay holds one socket fewer; return how many were sent.
+
+    Bounded: 2,000 messages are far more than the kernel's socket buffers and the
+    send-queue caps of these tests can hold.
+    """
+    before = len(r.state.hub.sockets)
+    for n in range(1, 2001):
+        await sender.publish(room, f"{n}-{payload}")
+        assert (await sender.expect("chan_out", timeout=30))["data"].startswith(f"{n}-")
+        if len(r.state.hub.sockets) < before:
+            return n
+    raise AssertionError("the slow consumer was never cut off")
+
+
+async def test_send_queue_byte_cap_cuts_off_a_slow_consumer(relay, client):
+    """The frame cap is out of reach (100,000); only the byte cap (256 KiB) can cut it off."""
+    r = await relay(send_queue_frames=100_000, send_queue_bytes=256 * 1024, messages_per_second=0)
+    room = random_name()
+    slow, sender = await client(r), await client(r)
+    for c in (slow, sender):
+        await c.auth(r.token("u", "1"))
+        await c.join(room)
+    await flood_until_cut_off(r, sender, room, "x" * 20_000)
+    _, code = await read_until_closed(slow, timeout=30)
+    assert code == CloseCode.SLOW_CONSUMER == 4001
+    await assert_echoes(sender)
+
+
+async def test_a_cut_off_peer_that_still_reads_nothing_is_dropped(relay, client):
+    """After the 4001 close the relay waits SLOW_CLOSE_SECONDS (10 s) for the
+    peer to read its backlog, then drops the TCP connection."""
+    r = await relay(send_queue_frames=20, messages_per_second=0)
+    room = random_name()
+    slow, sender = await client(r), await client(r)
+    for c in (slow, sender):
+        await c.auth(r.token("u", "1"))
+        await c.join(room)
+    await flood_until_cut_off(r, sender, room, "x" * 20_000)
+    assert r.runner.server is not None
+    # The slow peer's connection is still open (its backlog unread) ...
+    assert len(r.runner.server.connections) == 2
+    # ... until the relay gives up on it; the sender's stays.
+    await eventually(
+        lambda: len(r.runner.server.connections) == 1, timeout=40, what="the peer dropped"
+    )
+    await assert_echoes(sender)
+
+
+async def test_slow_db_subscriber_is_cut_off_and_the_others_get_every_row(relay, client, db, repo):
+    from tests.helpers import insert
+
+    r = await relay(send_queue_frames=50)
+    name = await repo("_744_")
+    fast, slow = await client(r), await client(r)
+    for c in (fast, slow):
+        await c.auth(r.token("A", "1"))
+        await c.join(f"db-{name}")
+    received: list[int] = []
+
+    async def read_fast() -> None:
+        while True:
+            frame = await fast.expect("db_created", timeout=60)
+            received.append(json.loads(frame["data"])["data"]["n"])
+
+    reader = asyncio.create_task(read_fast())
+    written = 0
+    try:
+        while len(r.state.hub.sockets) == 2:
+            assert written < 5000, "the slow db- subscriber was never cut off"
+            await db.execute(
+                f"INSERT INTO {name} (owner_id, account_id, data) SELECT 'A', '1',"
+                " jsonb_build_object('n', g, 'pad', repeat('x', 20000))"
+                " FROM generate_series($1::int, $1::int + 9) g ORDER BY g",
+                written,
+            )
+            written += 10
+            await eventually(lambda w=written: len(received) >= w - 60, timeout=30)
+        frames, code = await read_until_closed(slow, timeout=30)
+        assert code == CloseCode.SLOW_CONSUMER == 4001
+        assert len(frames) < written
+        last = await insert(db, name, "A", "1", written)
+        assert last
+        written += 1
+        await eventually(lambda: len(received) == written, timeout=30, what="every row")
+    finally:
+        reader.cancel()
+    assert received == list(range(written))

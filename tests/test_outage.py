@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,13 @@ import asyncpg
 import pytest
 from aiohttp import web
 
+from relay import plans
 from relay.config import Settings
 from relay.db import EmbeddedPostgres, run_migrations
 from relay.repos import create_repo
 from relay.server import create_app
 from tests.conftest import JWT_SECRET, RelayHandle, WsClient, free_port, random_name
+from tests.helpers import eventually, healthz, insert
 
 
 class OwnPostgres:
@@ -78,20 +82,15 @@ async def relay_on(own_pg: OwnPostgres) -> AsyncIterator[RelayHandle]:
     await runner.cleanup()
 
 
-async def healthz(r: RelayHandle) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as http, http.get(r.http_url + "/healthz") as resp:
-        assert resp.status == 200
-        body: dict[str, Any] = await resp.json()
-        return body
+async def listening(r: RelayHandle) -> bool:
+    return bool((await healthz(r.http_url))["listener"])
 
 
-async def insert(url: str, table: str, n: int) -> None:
+async def insert_on(url: str, table: str, n: int) -> None:
+    """A row of dora's, on a connection of its own (the server restarts in between)."""
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute(
-            f"INSERT INTO {table} (account_id, owner_id, data) VALUES ('1', 'dora', $1::jsonb)",
-            json.dumps({"n": n}),
-        )
+        await insert(conn, table, "dora", "1", n)
     finally:
         await conn.close()
 
@@ -105,8 +104,9 @@ async def chat_works(sender: WsClient, others: list[WsClient], room: str, text: 
 
 
 async def test_postgres_outage_chat_carries_on_and_no_event_is_lost(
-    own_pg: OwnPostgres, relay_on: RelayHandle, client
+    own_pg: OwnPostgres, relay_on: RelayHandle, client, caplog: pytest.LogCaptureFixture
 ):
+    caplog.set_level(logging.WARNING, logger="relay.listener")
     r = relay_on
     conn = await asyncpg.connect(own_pg.url)
     table = await create_repo(conn, "items_760_")
@@ -128,24 +128,28 @@ async def test_postgres_outage_chat_carries_on_and_no_event_is_lost(
     reader = asyncio.create_task(read_dora())
 
     async def dora_got(type_: str, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
-        for _ in range(int(timeout / 0.1)):
-            found = [f for f in dora_frames if f["type"] == type_]
-            if len(found) >= count:
-                return found
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"dora got {len(found)} {type_} frames, expected {count}")
+        def found() -> list[dict[str, Any]]:
+            frames = [f for f in dora_frames if f["type"] == type_]
+            return frames if len(frames) >= count else []
 
-    await insert(own_pg.url, table, 1)
+        result: list[dict[str, Any]] = await eventually(
+            found, timeout, what=f"dora's {count} {type_} frames"
+        )
+        return result
+
+    await insert_on(own_pg.url, table, 1)
     await dora_got("db_created", 1)
 
+    lost = attempts(caplog)
     await asyncio.to_thread(own_pg.stop_server)
+    down_since = time.monotonic()
     try:
         # Chat carries on, for members of db channels too.
         await chat_works(alice, [bob], room, "during the outage")
         delayed = await dora_got("error", 1)
         assert delayed[0]["channel"] == f"db-{table}"
         assert "delayed" in delayed[0]["data"] and delayed[0]["sid"] == dora.sid
-        assert not (await healthz(r))["listener"]
+        assert not await listening(r)
 
         # A newcomer can still connect, authenticate and chat; a db- join says why it fails.
         newcomer = await client(r)
@@ -157,8 +161,15 @@ async def test_postgres_outage_chat_carries_on_and_no_event_is_lost(
         assert refused["channel"] == f"db-{table}"
         await chat_works(bob, [alice, newcomer], room, "still talking")
 
-        # The listener keeps retrying; the subscriber is not told again.
-        await asyncio.sleep(4.0)
+        # The listener keeps retrying (three more failed attempts), and the app
+        # cache's entries expire; the subscriber is not told again.
+        await eventually(
+            lambda: (
+                attempts(caplog) >= lost + 4 and time.monotonic() > down_since + plans.CACHE_SECONDS
+            ),
+            timeout=60,
+            what="listener retries past the app cache's lifetime",
+        )
         await chat_works(newcomer, [alice, bob], room, "four seconds later")
 
         # Past the app cache's lifetime, the default app still admits clients;
@@ -176,21 +187,17 @@ async def test_postgres_outage_chat_carries_on_and_no_event_is_lost(
 
     # Committed right after the restart, most likely before the listener is back.
     for n in range(2, 7):
-        await insert(own_pg.url, table, n)
+        await insert_on(own_pg.url, table, n)
     created = await dora_got("db_created", 6, timeout=60)
     assert [json.loads(f["data"])["data"]["n"] for f in created] == [1, 2, 3, 4, 5, 6]
     assert [f["pos"] for f in created] == sorted({f["pos"] for f in created}, key=_pos)
     await chat_works(alice, [bob, newcomer], room, "after the outage")
-    for _ in range(100):
-        if (await healthz(r))["listener"]:
-            break
-        await asyncio.sleep(0.1)
-    assert (await healthz(r))["listener"]
+    await eventually(lambda: listening(r), what="the listener connected again")
 
     # Joining the db channel works again, and the newcomer gets live events.
     newcomer_join = await newcomer.join(f"db-{table}")
     assert newcomer_join["channel"] == f"db-{table}"
-    await insert(own_pg.url, table, 7)
+    await insert_on(own_pg.url, table, 7)
     frame = await newcomer.expect("db_created", timeout=30)
     assert json.loads(frame["data"])["data"]["n"] == 7
     await dora_got("db_created", 7)
@@ -200,6 +207,11 @@ async def test_postgres_outage_chat_carries_on_and_no_event_is_lost(
     assert len(errors) == 1, f"expected one 'delayed' error, got {errors}"
     chat = [f["data"] for f in dora_frames if f["type"] == "chan_out"]
     assert chat == ["during the outage", "still talking", "four seconds later", "after the outage"]
+
+
+def attempts(caplog: pytest.LogCaptureFixture) -> int:
+    """How many times the listener has lost (or failed to get) its connection so far."""
+    return sum("listener connection lost" in r.getMessage() for r in caplog.records)
 
 
 def _pos(text: str) -> tuple[int, ...]:

@@ -80,3 +80,13 @@ async def test_sql_and_python_forms_of_the_rule_agree_on_random_rows(db) -> None
                 if root or can_read(mode, user, account, owner, None if acct is None else str(acct))
             }
             assert got == expected, (digits, user, account, root)
+
+
+def test_a_mode_is_an_immutable_value() -> None:
+    """One Mode is shared by every subscriber of a repository: nobody can change it."""
+    import dataclasses
+
+    mode = mode_of("tasks_760_")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        mode.everyone_reads = True  # type: ignore[misc]
+    assert {mode: "760"}[mode_of("other_760_")] == "760"

@@ -8,9 +8,7 @@ name, and nothing touches the default plan or the default app.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
-import sys
 
 import asyncpg
 import pytest
@@ -18,8 +16,8 @@ import pytest
 from relay import plans
 from relay.plans import PlanError
 from tests.conftest import app_token
-
-CLI = [sys.executable, "-m", "relay.cli"]
+from tests.helpers import cli_env, relay_cli
+from tests.helpers import ok as succeeded
 
 
 def fresh(prefix: str) -> str:
@@ -177,25 +175,13 @@ async def test_a_storm_of_lookups_costs_one_query_per_key(pg_url: str, db: async
 # --- the commands --------------------------------------------------------------------------------
 
 
-async def relay_cli(pg_url: str, *args: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    env["RELAY_DATABASE_URL"] = pg_url
-    proc = await asyncio.create_subprocess_exec(
-        *CLI,
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 180)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+async def cli(pg_url: str, *args: str) -> tuple[int, str, str]:
+    result = await relay_cli(*args, env=cli_env(RELAY_DATABASE_URL=pg_url))
+    return result.returncode, result.stdout, result.stderr
 
 
 async def ok(pg_url: str, *args: str) -> str:
-    code, out, err = await relay_cli(pg_url, *args)
-    assert code == 0, f"relay {' '.join(args)}: exit {code}\n{out}\n{err}"
-    return out
+    return succeeded(await relay_cli(*args, env=cli_env(RELAY_DATABASE_URL=pg_url)))
 
 
 async def test_plan_commands(pg_url: str):
@@ -211,11 +197,11 @@ async def test_plan_commands(pg_url: str):
     listed = await ok(pg_url, "plan", "list")
     assert any(line.startswith(name + "\t") for line in listed.splitlines())
 
-    code, _, err = await relay_cli(pg_url, "plan", "create", fresh("p"))
+    code, _, err = await cli(pg_url, "plan", "create", fresh("p"))
     assert code == 2 and "--max-connections" in err
-    code, _, err = await relay_cli(pg_url, "plan", "create", name, "--max-connections", "1")
+    code, _, err = await cli(pg_url, "plan", "create", name, "--max-connections", "1")
     assert code == 2 and "already exists" in err
-    code, _, err = await relay_cli(pg_url, "plan", "set", name, "--max-connections", "many")
+    code, _, err = await cli(pg_url, "plan", "set", name, "--max-connections", "many")
     assert code == 2 and "whole number or 'unlimited'" in err
 
 
@@ -245,9 +231,9 @@ async def test_app_commands(pg_url: str, db: asyncpg.Connection):
     stored = await db.fetchrow("SELECT plan, origins FROM relay.apps WHERE id = $1", keyed)
     assert stored["plan"] == plan and stored["origins"] == []
 
-    code, _, err = await relay_cli(pg_url, "app", "set-plan", fresh("ghost"), plan)
+    code, _, err = await cli(pg_url, "app", "set-plan", fresh("ghost"), plan)
     assert code == 2 and "no app named" in err
-    code, _, err = await relay_cli(pg_url, "app", "create", fresh("x"), "--plan", fresh("ghost"))
+    code, _, err = await cli(pg_url, "app", "create", fresh("x"), "--plan", fresh("ghost"))
     assert code == 2 and "no plan named" in err
-    code, _, err = await relay_cli(pg_url, "app", "set-origins", app, "not-an-origin")
+    code, _, err = await cli(pg_url, "app", "set-origins", app, "not-an-origin")
     assert code == 2 and "not an origin" in err

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Mutation testing with mutmut (2.x): each module's mutants run only against
+# the tests that cover it, in a scratch copy of the tree (the working tree is
+# never modified, so tests and edits can go on meanwhile).
+#
+#   tools/mutation.sh                      # every module below
+#   tools/mutation.sh permissions dbhub    # some of them
+#   tools/mutation.sh --report             # scores from the last runs
+#   tools/mutation.sh --show dbhub         # the surviving mutants of one module, as diffs
+#
+# Results stay in .mutation/<module>.cache (mutmut's sqlite cache), so a
+# re-run only tests the mutants whose code or tests changed. Needs the test
+# extra (pip install -e '.[test]'), redis-server and the embedded PostgreSQL
+# the tests start themselves. Heavy: run it with the machine otherwise idle.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+MUTMUT=${MUTMUT:-$ROOT/.venv/bin/mutmut}
+OUT=$ROOT/.mutation
+
+# module name -> "file to mutate|pytest arguments (the tests that cover it)[|scope]".
+# A scope (optional) names the functions, classes or Class.methods to mutate;
+# without one the whole file is mutated.
+# Fast unit tests first (pytest -x stops at the first failure), then the
+# functional tests that exercise the module; the slowest end-to-end tests
+# (writers running for seconds, relay processes killed) are left out.
+FILTER="tests/test_db_events.py::test_permission_suffixes tests/test_db_events.py::test_updates_and_deletes_reach_old_and_new_readers_live_and_on_resume"
+RESUME="tests/test_durability.py::test_resume_gets_exactly_what_was_missed tests/test_durability.py::test_late_committer_is_not_skipped_on_resume tests/test_durability.py::test_resume_from_pruned_position_says_reload tests/test_durability.py::test_malformed_position_is_refused tests/test_durability.py::test_prune_by_size_keeps_the_newest_events tests/test_durability.py::test_resume_big_backlog_while_writes_continue tests/test_durability.py::test_resume_across_a_gap_in_tick_ids tests/test_durability.py::test_resume_on_another_relay_with_a_position_from_the_first tests/test_durability.py::test_the_oldest_kept_tick_is_a_valid_position_and_nothing_before_it"
+DBEVENTS="tests/test_db_events.py::test_contract_example_tasks_760 tests/test_db_events.py::test_update_and_delete_frames tests/test_db_events.py::test_delete_reaches_exactly_the_old_readers tests/test_db_events.py::test_update_moving_account tests/test_db_events.py::test_reauth_as_another_user_follows_the_new_identity tests/test_db_events.py::test_root_token_receives_every_event tests/test_db_events.py::test_unwatched_table_is_refused_and_a_new_watch_is_joinable_at_once"
+LISTEN="tests/test_db_events.py tests/test_durability.py::test_listener_terminated_mid_stream_loses_nothing tests/test_durability.py::test_resume_while_writers_keep_writing_has_no_gap_or_duplicate tests/test_durability.py::test_resume_across_a_gap_in_tick_ids tests/test_durability.py::test_events_carry_positions_and_joined_gives_one"
+# dbhub.py: the permission filter (indexes, readers, audiences) and the replay
+# path (positions, held frames, replay_chunk, release_some), not its constants.
+DBHUB_SCOPE="Held.hold Held.pop Event.pos Event.deleted_data Position RepoSubscribers.add RepoSubscribers.remove RepoSubscribers.readers DbHub audiences audience_of"
+declare -A PLAN=(
+  [permissions]="relay/permissions.py|tests/test_permissions.py tests/test_dbhub.py $FILTER"
+  [dbhub]="relay/dbhub.py|tests/test_dbhub.py tests/test_permissions.py $FILTER $RESUME $DBEVENTS|$DBHUB_SCOPE"
+  [dbjoin]="relay/dbjoin.py|$RESUME $FILTER $DBEVENTS tests/test_expiry.py::test_session_expiring_during_a_db_join_is_not_subscribed"
+  [listener]="relay/listener.py|$LISTEN"
+  [hub]="relay/hub.py|tests/test_contract.py tests/test_limits.py tests/test_broker.py tests/test_expiry.py"
+  [broker]="relay/broker|tests/test_broker.py"
+)
+ORDER=(permissions dbhub dbjoin listener hub broker)
+
+report() {
+  for name in "${ORDER[@]}"; do
+    [ -f "$OUT/$name.cache" ] || { echo "$name: not run"; continue; }
+    IFS='|' read -r target _ scope <<<"${PLAN[$name]}"
+    lines=""
+    if [ -n "$scope" ]; then
+      # shellcheck disable=SC2086
+      lines=$("$PY" tools/mutation_scope.py "$target" $scope | "$PY" -c '
+import re, sys
+n = None
+for line in sys.stdin:
+    m = re.match(r"@@ -\S+ \+(\d+)", line)
+    if m:
+        n = int(m.group(1))
+    elif n is not None and not line.startswith("-"):
+        if line.startswith("+"):
+            print(n)
+        n += 1')
+    fi
+    "$PY" - "$OUT/$name.cache" "$name" "$scope" "$lines" <<'PY'
+import sqlite3, sys
+cache, name, scope, lines = sys.argv[1:]
+wanted = {int(x) for x in lines.split()} if scope else None
+db = sqlite3.connect(cache)
+n: dict[str, int] = {}
+for status, line in db.execute(
+    "SELECT m.status, l.line_number FROM Mutant m JOIN Line l ON m.line = l.id"
+):
+    if wanted is None or line in wanted:
+        n[status] = n.get(status, 0) + 1
+total = sum(n.values())
+# suspicious: killed, but slowly; timeout: the tests hung on the mutant (caught too)
+killed = n.get("ok_killed", 0) + n.get("ok_suspicious", 0) + n.get("bad_timeout", 0)
+survived = n.get("bad_survived", 0)
+untested = n.get("untested", 0) + n.get("skipped", 0)
+tested = total - untested
+score = f"{100 * killed / tested:.1f}%" if tested else "-"
+where = f" (scope: {scope})" if scope else ""
+print(f"{name}: killed {killed}/{tested} ({score}), survived {survived},"
+      f" untested {untested}{where}")
+PY
+  done
+}
+
+workdir() {  # a scratch copy of the tracked files, as they are now
+  local dir=$OUT/work-$1
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  git ls-files -co --exclude-standard | grep -v '^\.mutation/' | tar -cf - -T - | tar -xf - -C "$dir"
+  echo "$dir"
+}
+
+if [ "${1:-}" = "--report" ]; then report; exit 0; fi
+if [ "${1:-}" = "--show" ]; then
+  # In a copy of its own: never read a cache a running mutmut is writing.
+  name=$2; dir=$(workdir "show-$name")
+  cp "$OUT/$name.cache" "$dir/.mutmut-cache"
+  cd "$dir"
+  for id in $("$MUTMUT" result-ids survived); do
+    echo "--- mutant $id"; "$MUTMUT" show "$id" | tail -n +2
+  done
+  cd "$ROOT" && rm -rf "$dir"
+  exit 0
+fi
+
+mkdir -p "$OUT"
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=("${ORDER[@]}")
+for name in "${names[@]}"; do
+  spec=${PLAN[$name]:?unknown module $name (one of ${ORDER[*]})}
+  IFS='|' read -r target tests scope <<<"$spec"
+  dir=$(workdir "$name")
+  scope_args=()
+  if [ -n "$scope" ]; then
+    # shellcheck disable=SC2086
+    "$PY" tools/mutation_scope.py "$target" $scope > "$dir/scope.patch"
+    scope_args=(--use-patch-file scope.patch)
+  fi
+  [ -f "$OUT/$name.cache" ] && cp "$OUT/$name.cache" "$dir/.mutmut-cache"
+  # The copy's relay/ comes first on sys.path, for pytest and for the relay
+  # processes some tests start; no stale bytecode between mutants.
+  runner="$PY -m pytest -x -q -p no:cacheprovider --timeout 120 $tests"
+  echo "== $name: mutating $target; runner: $runner"
+  (
+    cd "$dir"
+    export PYTHONPATH=$dir PYTHONDONTWRITEBYTECODE=1
+    nice -n 10 "$MUTMUT" run --paths-to-mutate "$target" --tests-dir tests/ \
+      --runner "$runner" --simple-output --no-progress -m 3 -b 20 "${scope_args[@]}" || true
+  )
+  cp "$dir/.mutmut-cache" "$OUT/$name.cache"
+  rm -rf "$dir"
+done
+report
