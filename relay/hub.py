@@ -26,6 +26,7 @@ from relay import protocol
 from relay.auth import Identity
 from relay.broker.base import BrokerError
 from relay.limits import ERROR_BUDGET, ERROR_WINDOW, ErrorBudget, SocketLimits
+from relay.metrics import Counts
 from relay.protocol import CloseCode
 
 if TYPE_CHECKING:
@@ -41,6 +42,9 @@ SLOW_CLOSE_SECONDS = 10.0
 
 class Socket:
     """One client connection: its identity, its channels and its send queue."""
+
+    # Where frames written and closes are counted (the relay sets its own).
+    counts: Counts = Counts()
 
     def __init__(
         self,
@@ -135,6 +139,7 @@ class Socket:
         """Close after the frames already queued (a slow consumer's are dropped)."""
         if self._closing is not None:
             return
+        self.counts.closed(code)
         self._closing = code
         self._drained.set()
         self._close_reason = reason
@@ -175,6 +180,7 @@ class Socket:
 
     async def _write_loop(self) -> None:
         ws = self.ws
+        sent = self.counts.sent
         try:
             while True:
                 await self._wake.wait()
@@ -183,6 +189,7 @@ class Socket:
                     text = self._queue.popleft()
                     self._queued_bytes -= len(text)
                     await ws.send_str(text)
+                    sent(text)
                 self._drained.set()
                 if self._closing is not None:
                     await ws.close(code=self._closing, message=self._close_reason.encode())

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from aiohttp import WSMsgType, web
 
-from relay import protocol, sessions
+from relay import admin, protocol, sessions
 from relay.auth import TokenRejected, TokenVerifier, load_public_key, new_socket_token, same_token
 from relay.broker import Broker, BrokerError, create_broker
 from relay.config import Settings
@@ -26,6 +26,7 @@ from relay.dbjoin import join_db
 from relay.hub import Hub, Socket
 from relay.limits import socket_limits
 from relay.listener import Listener
+from relay.metrics import Counts
 from relay.plans import DELETED, SUSPENDED, App, AppDirectory, AppsUnavailable
 from relay.pool import Database
 from relay.protocol import ClientFrame, CloseCode, InvalidToken, RelayError
@@ -65,6 +66,7 @@ class RelayState:
     per_app: dict[str, int] = field(default_factory=dict)
     db_outage: asyncio.TimerHandle | None = None  # an outage about to be announced
     db_announced: bool = False
+    counts: Counts = field(default_factory=Counts)  # what /metrics reports
 
     def __post_init__(self) -> None:
         self.broker = create_broker(self.settings.broker_url, self._deliver)
@@ -121,6 +123,7 @@ def create_app(settings: Settings, database_url: str, jwt_secret: str | None) ->
     app[STATE] = state
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
+    admin.setup(app, state)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_sockets)
     return app
@@ -144,6 +147,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         poll_seconds=state.settings.poll_seconds,
         busy_poll_seconds=state.settings.busy_poll_seconds,
         on_state=state.db_state_changed,
+        on_events=state.counts.ingested,
     )
     await state.listener.start()
     chores = [
@@ -304,6 +308,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             settings.error_window_seconds,
         ),
     )
+    socket.counts = state.counts
+    state.counts.connected(app.id)
     state.per_app[app.id] = state.per_app.get(app.id, 0) + 1
     state.hub.add(socket)
     socket.start()
@@ -348,6 +354,7 @@ async def _handle(state: RelayState, app: App, socket: Socket, raw: str) -> None
     frame: ClientFrame | None = None
     try:
         frame = protocol.parse_frame(raw, state.settings.max_frame_bytes)
+        state.counts.received(frame.type)
         # Malformed frames are metered by the error budget; well-formed ones by rate.
         socket.limits.check_rate()
         if frame.sid and frame.sid != socket.id:
@@ -359,6 +366,8 @@ async def _handle(state: RelayState, app: App, socket: Socket, raw: str) -> None
             )
         await handler(state, app, socket, frame)
     except RelayError as err:
+        if frame is None:
+            state.counts.received(None)
         _report(state, socket, err, frame)
     except BrokerError as err:
         log.warning("broker unavailable sid=%s error=%s", socket.id, err)
@@ -386,6 +395,7 @@ def _report(
     # Never echo a client's oversized channel name back (or into the log) whole.
     channel = channel[: state.settings.max_channel_name]
     socket.reply("error", err.message, channel=channel)
+    state.counts.error(err.message)
     log.info("client error sid=%s channel=%s error=%s", socket.id, channel, err.message)
     spent = blame and socket.limits.budget.spend(time.monotonic())
     if err.close_code is not None or spent:
@@ -470,9 +480,11 @@ async def on_join(state: RelayState, app: App, socket: Socket, frame: ClientFram
         await _join_db(
             state, socket, name, frame.get("after"), admit=lambda: _require_auth(socket, frame)
         )
+        state.counts.joins["db"] += 1
         return
     await state.hub.join(socket, name, admit=lambda: _require_auth(socket, frame))
     socket.reply("joined", name, channel=name)
+    state.counts.joins["chat"] += 1
 
 
 async def _join_db(

@@ -1,0 +1,177 @@
+"""Operator endpoints: ``/metrics`` (Prometheus), ``/readyz`` and the admin status.
+
+- ``GET /metrics``: Prometheus text format (see :mod:`relay.metrics`).
+- ``GET /readyz``: 200 once the database answers, the broker answers (when one
+  is configured) and the listener has caught up with the event log; 503 with
+  the reasons otherwise. ``/healthz`` stays the liveness check.
+- ``GET /admin/status``: a JSON summary for ``relay status`` and the inspector's
+  admin view, for a bearer of the admin token (``RELAY_ADMIN_TOKEN``) or of a
+  root session token of the default app (``relay token --root``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from relay.auth import TokenRejected
+from relay.metrics import RelayCollector, registry_for
+
+log = logging.getLogger("relay.admin")
+
+CHECK_TIMEOUT = 2.0
+# relay status shows rates over this window (seconds).
+RATE_WINDOW = 10.0
+TOP_CHANNELS = 10
+
+STATE_KEY = "relay_state"
+
+
+def setup(app: web.Application, state: Any) -> None:
+    """Add the operator routes to the relay's aiohttp app."""
+    registry, collector = registry_for(state)
+    ops = Operator(state, collector)
+    app[OPS] = ops
+    app.router.add_get("/metrics", ops.metrics)
+    app.router.add_get("/readyz", ops.readyz)
+    app.router.add_get("/admin/status", ops.status)
+    ops.registry = registry
+
+
+class Operator:
+    def __init__(self, state: Any, collector: RelayCollector) -> None:
+        self.state = state
+        self.collector = collector
+        self.registry: Any = None
+        # (monotonic time, events ingested, frames received, frames sent) samples for rates.
+        self._samples: deque[tuple[float, int, int, int]] = deque(maxlen=64)
+
+    async def _db_ticks(self) -> tuple[int | None, int | None]:
+        db = self.state.db
+        if db is None:
+            return None, None
+        row = await asyncio.wait_for(
+            db.fetchrow("SELECT min(id) AS oldest, max(id) AS newest FROM relay.ticks"),
+            CHECK_TIMEOUT,
+        )
+        return (row["oldest"], row["newest"]) if row is not None else (None, None)
+
+    async def refresh(self) -> list[str]:
+        """Query what the collector cannot read synchronously; the problems found."""
+        problems: list[str] = []
+        try:
+            self.collector.oldest_tick, self.collector.newest_tick = await self._db_ticks()
+        except Exception as err:  # any failure to answer is "not reachable"
+            problems.append(f"database unreachable ({type(err).__name__})")
+        self.collector.broker_up = await self.state.broker.ping()
+        if not self.collector.broker_up:
+            problems.append("broker unreachable")
+        listener = self.state.listener
+        if listener is None or not listener.connected.is_set():
+            problems.append("listener not connected")
+        elif not listener.caught_up:
+            problems.append("listener catching up with the event log")
+        return problems
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        await self.refresh()
+        body = await asyncio.to_thread(generate_latest, self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        problems = await self.refresh()
+        if problems:
+            return web.json_response({"status": "not ready", "problems": problems}, status=503)
+        return web.json_response({"status": "ready"})
+
+    def _authorized(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            return False
+        expected = self.state.settings.admin_token
+        if expected and hmac.compare_digest(given.encode(), expected.encode()):
+            return True
+        try:
+            identity = self.state.verifier.verify(given)
+        except TokenRejected:
+            return False
+        return bool(identity.is_root)
+
+    async def status(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response(
+                {
+                    "error": "admin token required: Authorization: Bearer <RELAY_ADMIN_TOKEN or a"
+                    " root token of the default app>"
+                },
+                status=401,
+            )
+        problems = await self.refresh()
+        return web.json_response(self.summary(problems))
+
+    def summary(self, problems: list[str]) -> dict[str, Any]:
+        state = self.state
+        counts = state.counts
+        now = time.monotonic()
+        sample = (
+            now,
+            counts.events_ingested,
+            sum(counts.frames_in.values()),
+            sum(counts.frames_out.values()),
+        )
+        self._samples.append(sample)
+        while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW:
+            self._samples.popleft()
+        first = self._samples[0]
+        span = now - first[0]
+
+        def rate(i: int) -> float:
+            return round((sample[i] - first[i]) / span, 2) if span > 0 else 0.0
+
+        members: dict[tuple[str, str], set[Any]] = getattr(state.hub, "_members", {})
+        chat = [(app, name, len(m)) for (app, name), m in members.items()]
+        db = [
+            (subs.app, "db-" + subs.repo, len(subs.everyone)) for subs in state.dbhub.repos.values()
+        ]
+        top = sorted(chat + db, key=lambda c: -c[2])[:TOP_CHANNELS]
+        listener = state.listener
+        newest = self.collector.newest_tick
+        last = listener.last_tick if listener is not None else None
+        return {
+            "status": "ready" if not problems else "not ready",
+            "problems": problems,
+            "sockets": dict(sorted(state.per_app.items())),
+            "sockets_total": len(state.hub.sockets),
+            "channels": {"chat": len(chat), "db": len(db)},
+            "top_channels": [{"app": a, "channel": c, "members": n} for a, c, n in top],
+            "listener": {
+                "connected": listener is not None and listener.connected.is_set(),
+                "tick": last,
+                "newest_tick": newest,
+                "lag_ticks": max(0, newest - last) if newest is not None and last else None,
+            },
+            "rates": {
+                "window_seconds": round(span, 1),
+                "events_per_second": rate(1),
+                "frames_in_per_second": rate(2),
+                "frames_out_per_second": rate(3),
+            },
+            "totals": {
+                "events_ingested": counts.events_ingested,
+                "frames_in": dict(counts.frames_in),
+                "frames_out": dict(counts.frames_out),
+                "errors": dict(counts.errors),
+            },
+            "pool": state.db.stats() if state.db is not None else None,
+        }
+
+
+OPS = web.AppKey("relay_operator", Operator)
