@@ -28,12 +28,12 @@ def main() -> None:
     counts = Counts()
     frame = protocol.encode("6f1c2a4e-8d7b-4c1e-9a55-0c3e2b1d9f00", "chan_out", "hello", "lobby")
     labelled = Counter("frames", "frames", ["type"], registry=CollectorRegistry())
-    child = labelled.labels("chan_out")
+    child = labelled.labels("x")
     baseline = per_call_ns(lambda: None)
     rows = [
         ("Counts.sent(frame)  [write path]", per_call_ns(lambda: counts.sent(frame))),
         ("Counts.received(type)  [read path]", per_call_ns(lambda: counts.received("chan_in"))),
-        ("prometheus Counter.labels(t).inc()", per_call_ns(lambda: labelled.labels("chan_out").inc())),
+        ("prometheus Counter.labels(t).inc()", per_call_ns(lambda: labelled.labels("x").inc())),
         ("prometheus child.inc() (pre-bound)", per_call_ns(lambda: child.inc())),
     ]
     print(f"empty call: {baseline:.0f} ns (subtracted below)")

@@ -183,7 +183,7 @@ async def test_readyz_follows_postgresql(own_pg: OwnPostgres, relay_on: RelayHan
     await asyncio.to_thread(own_pg.stop_server)
     try:
         await eventually(not_ready)
-        status, body = await readyz(r)
+        _, body = await readyz(r)
         assert any("database unreachable" in p for p in body["problems"]), body
         assert await healthz_status(r) == 200  # alive: nothing to restart for
     finally:
