@@ -36,7 +36,11 @@ async def recv(ws: aiohttp.ClientWebSocketResponse, type_: str) -> dict[str, str
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("fmt", ["text", "json"])
 async def test_logs_of_a_session_hold_no_secret_and_name_each_sockets_app(
-    fmt: str, pg_url: str, repo, db: asyncpg.Connection, home: Path  # noqa: F811
+    fmt: str,
+    pg_url: str,
+    repo,
+    db: asyncpg.Connection,
+    home: Path,  # noqa: F811
 ):
     jwt_secret = "jwt-" + secrets.token_hex(24)
     admin_token = "adm-" + secrets.token_hex(16)
@@ -74,7 +78,8 @@ async def test_logs_of_a_session_hold_no_secret_and_name_each_sockets_app(
             used.add(token)
             await a.send_json({"type": "join", "data": "lobby", "token": token})
             await recv(a, "joined")
-            await a.send_json({"type": "chan_in", "channel": "lobby", "data": chat_p, "token": token})
+            chat = {"type": "chan_in", "channel": "lobby", "data": chat_p, "token": token}
+            await a.send_json(chat)
             await recv(a, "ok")
             await recv(a, "chan_out")
             # Another socket's token, and a frame without one: refused, and logged as such.
