@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -33,6 +35,7 @@ CHECK_TIMEOUT = 2.0
 # relay status shows rates over this window (seconds).
 RATE_WINDOW = 10.0
 TOP_CHANNELS = 10
+SAMPLE_SECONDS = 1.0
 
 
 def setup(app: web.Application, state: RelayState) -> None:
@@ -43,6 +46,7 @@ def setup(app: web.Application, state: RelayState) -> None:
     app.router.add_get("/metrics", ops.metrics)
     app.router.add_get("/readyz", ops.readyz)
     app.router.add_get("/admin/status", ops.status)
+    app.cleanup_ctx.append(ops.sampling)
     ops.registry = registry
 
 
@@ -52,7 +56,34 @@ class Operator:
         self.collector = collector
         self.registry: Any = None
         # (monotonic time, events ingested, frames received, frames sent) samples for rates.
-        self._samples: deque[tuple[float, int, int, int]] = deque(maxlen=64)
+        self._samples: deque[tuple[float, int, int, int]] = deque(maxlen=256)
+
+    async def sampling(self, app: web.Application) -> AsyncIterator[None]:
+        """Sample the counters every second, so rates are ready at the first status call."""
+        task = asyncio.create_task(self._sample_forever(), name="relay-status-sampler")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _sample_forever(self) -> None:
+        while True:
+            self._sample()
+            await asyncio.sleep(SAMPLE_SECONDS)
+
+    def _sample(self) -> tuple[float, int, int, int]:
+        counts = self.state.counts
+        now = time.monotonic()
+        sample = (
+            now,
+            counts.events_ingested,
+            sum(counts.frames_in.values()),
+            sum(counts.frames_out.values()),
+        )
+        self._samples.append(sample)
+        while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW:
+            self._samples.popleft()
+        return sample
 
     async def _db_ticks(self) -> tuple[int | None, int | None]:
         db = self.state.db
@@ -121,18 +152,9 @@ class Operator:
     def summary(self, problems: list[str]) -> dict[str, Any]:
         state = self.state
         counts = state.counts
-        now = time.monotonic()
-        sample = (
-            now,
-            counts.events_ingested,
-            sum(counts.frames_in.values()),
-            sum(counts.frames_out.values()),
-        )
-        self._samples.append(sample)
-        while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW:
-            self._samples.popleft()
+        sample = self._sample()
         first = self._samples[0]
-        span = now - first[0]
+        span = sample[0] - first[0]
 
         def rate(i: int) -> float:
             return round((sample[i] - first[i]) / span, 2) if span > 0 else 0.0

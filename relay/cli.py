@@ -138,6 +138,15 @@ def _parser() -> argparse.ArgumentParser:
     unwatch = repo_sub.add_parser("unwatch", help="remove the triggers (and nothing else)")
     unwatch.add_argument("tables", nargs="+", metavar="SCHEMA.TABLE")
     unwatch.set_defaults(func=cmd_repo_unwatch)
+    status = sub.add_parser("status", help="a live summary of a running relay")
+    status.add_argument("--url", help="the relay's address (default http://RELAY_HOST:RELAY_PORT)")
+    status.add_argument(
+        "--token", help="admin token (default RELAY_ADMIN_TOKEN, else a root token)"
+    )
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.set_defaults(func=cmd_status)
+
     dbp = sub.add_parser("db", help="the relay's PostgreSQL")
     dbp.add_argument("--database-url")
     db_sub = dbp.add_subparsers(dest="db_command", required=True)
@@ -308,6 +317,28 @@ def database(settings: Settings) -> Iterator[str]:
                 " relay process on %s still uses it",
                 embedded.pgdata,
             )
+
+
+# --- status -----------------------------------------------------------------------
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from relay import status
+
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = args.url or f"http://{host}:{settings.port}"
+    token = args.token or settings.admin_token
+    if not token:
+        secret = settings.resolve_jwt_secret(create=False)
+        if secret is None:
+            raise Failed(
+                "no admin token: set RELAY_ADMIN_TOKEN (as the relay has it) or pass --token"
+            )
+        token = mint_token(secret, "relay-status", "", ttl_seconds=60, root=True)
+    try:
+        return status.run(url, token, args.watch, args.json)
+    except status.StatusError as err:
+        raise Failed(str(err)) from None
 
 
 # --- db url and psql -------------------------------------------------------------

@@ -18,7 +18,7 @@ import aiohttp
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import RelayHandle, random_name
+from tests.conftest import RelayHandle, free_port, random_name
 from tests.test_outage import OwnPostgres, own_pg, relay_on  # noqa: F401  (fixtures)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -189,3 +189,58 @@ async def test_readyz_follows_postgresql(own_pg: OwnPostgres, relay_on: RelayHan
     finally:
         await asyncio.to_thread(own_pg.restart_server)
     await eventually(ready, seconds=60)
+
+
+# --- relay status ------------------------------------------------------------------------------
+
+
+def run_status(r: RelayHandle, *args: str, env: dict[str, str] | None = None):
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "relay.cli", "status", "--url", r.http_url, *args],
+        env=base | (env or {}) | {"COLUMNS": "120"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_relay_status_shows_sockets_channels_and_the_listener(relay, client, repo):
+    admin = "admin-" + "z" * 24
+    r = await relay(admin_token=admin)
+    table = await repo("_760_")
+    room = random_name()
+    clients = [await client(r) for _ in range(3)]
+    for i, c in enumerate(clients):
+        await c.auth(r.token(f"user{i}", "acme"))
+        await c.join(room)
+    await clients[0].join(f"db-{table}")
+
+    result = await asyncio.to_thread(run_status, r, "--json", env={"RELAY_ADMIN_TOKEN": admin})
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["sockets"] == {"default": 3}
+    top = {c["channel"]: c["members"] for c in status["top_channels"]}
+    assert top[room] == 3 and top[f"db-{table}"] == 1
+    assert status["listener"]["connected"] and status["listener"]["lag_ticks"] >= 0
+
+    # The tables, with a root token of the default app instead of the admin token.
+    root = r.token("ops", root=True)
+    result = await asyncio.to_thread(run_status, r, "--token", root)
+    assert result.returncode == 0, result.stderr
+    for needle in ("sockets by app", "default", "top channels", room, "listener", "events/s"):
+        assert needle in result.stdout, result.stdout
+
+    # A wrong token: one line saying what to do.
+    result = await asyncio.to_thread(run_status, r, "--token", "nope")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "refused the admin token" in result.stderr
+    # Nobody there: one line too.
+    gone = RelayHandle(r.app, r.runner, free_port(), r.secret)
+    result = await asyncio.to_thread(run_status, gone, "--token", root)
+    assert result.returncode == 1 and "no relay answers" in result.stderr
