@@ -1,4 +1,4 @@
-"""Operator endpoints: ``/metrics`` (Prometheus), ``/readyz`` and the admin status.
+"""Operator endpoints: ``/metrics``, ``/readyz``, the admin status and the inspector page.
 
 - ``GET /metrics``: Prometheus text format (see :mod:`relay.metrics`).
 - ``GET /readyz``: 200 once the database answers, the broker answers (when one
@@ -7,6 +7,9 @@
 - ``GET /admin/status``: a JSON summary for ``relay status`` and the inspector's
   admin view, for a bearer of the admin token (``RELAY_ADMIN_TOKEN``) or of a
   root session token of the default app (``relay token --root``).
+- ``GET /``: the inspector, a plain HTML page (``relay/inspector/``); with
+  ``RELAY_DEV_TOKENS`` (``relay serve --dev``) it can mint session tokens
+  through ``POST /dev/token``.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from relay.auth import TokenRejected
+from relay.auth import TokenRejected, mint_token
 from relay.metrics import RelayCollector, registry_for
 
 if TYPE_CHECKING:
@@ -48,6 +52,47 @@ def setup(app: web.Application, state: RelayState) -> None:
     app.router.add_get("/admin/status", ops.status)
     app.cleanup_ctx.append(ops.sampling)
     ops.registry = registry
+    app.router.add_get("/", inspector_page)
+    app.router.add_get("/inspector/config", ops.inspector_config)
+    app.router.add_get("/inspector/{name}", inspector_file)
+    app.router.add_post("/dev/token", ops.dev_token)
+    if state.settings.dev_tokens:
+        log.warning(
+            "development tokens enabled (RELAY_DEV_TOKENS): anyone who reaches this relay can"
+            " mint session tokens at /dev/token; never enable this in production"
+        )
+
+
+INSPECTOR_DIR = Path(__file__).resolve().parent / "inspector"
+INSPECTOR_FILES = {
+    "inspector.js": "text/javascript",
+    "inspector.css": "text/css",
+}
+# The page loads only its own script and style and talks only to this relay.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self' ws: wss:;"
+        " img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+DEV_TOKEN_TTL = 3600
+
+
+async def inspector_page(request: web.Request) -> web.Response:
+    body = (INSPECTOR_DIR / "index.html").read_bytes()
+    return web.Response(body=body, content_type="text/html", headers=PAGE_HEADERS)
+
+
+async def inspector_file(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    kind = INSPECTOR_FILES.get(name)
+    if kind is None:
+        raise web.HTTPNotFound()
+    body = (INSPECTOR_DIR / name).read_bytes()
+    return web.Response(body=body, content_type=kind, headers=PAGE_HEADERS)
 
 
 class Operator:
@@ -122,6 +167,42 @@ class Operator:
         if problems:
             return web.json_response({"status": "not ready", "problems": problems}, status=503)
         return web.json_response({"status": "ready"})
+
+    async def inspector_config(self, request: web.Request) -> web.Response:
+        return web.json_response({"dev_tokens": self._can_mint()})
+
+    def _can_mint(self) -> bool:
+        return self.state.settings.dev_tokens and bool(self.state.jwt_secret)
+
+    async def dev_token(self, request: web.Request) -> web.Response:
+        """Development mode only: a session token of the default app for any user."""
+        if not self._can_mint():
+            return web.json_response(
+                {
+                    "error": "development tokens are off: start relay with --dev (RELAY_DEV_TOKENS)"
+                    " and its own HS256 secret, or paste a token from relay token"
+                },
+                status=403,
+            )
+        try:
+            body = await request.json()
+            user, account = str(body["user"]), str(body.get("account") or "")
+        except (ValueError, KeyError, TypeError):
+            return web.json_response({"error": "send JSON {user, account, root}"}, status=400)
+        if not user:
+            return web.json_response({"error": "user must not be empty"}, status=400)
+        assert self.state.jwt_secret is not None
+        token = mint_token(
+            self.state.jwt_secret,
+            user,
+            account,
+            ttl_seconds=DEV_TOKEN_TTL,
+            account_claim=self.state.settings.jwt_account_claim,
+            root=bool(body.get("root")),
+            audience=self.state.settings.jwt_audience,
+        )
+        log.info("development token minted root=%s", bool(body.get("root")))
+        return web.json_response({"token": token})
 
     def _authorized(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")

@@ -102,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (RELAY_PORT, default 8099)")
     serve.add_argument("--database-url", help="PostgreSQL URL (default: embedded PostgreSQL)")
     serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations")
+    serve.add_argument(
+        "--dev",
+        action="store_true",
+        help="development mode: the inspector page may mint session tokens (RELAY_DEV_TOKENS)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true")
     serve.set_defaults(func=cmd_serve)
 
@@ -266,6 +271,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     settings.port = args.port or settings.port
     settings.database_url = args.database_url or settings.database_url
     settings.migrate = not args.no_migrate
+    settings.dev_tokens = settings.dev_tokens or args.dev
     if settings.database_url:
         log.info("database %s", redact_url(settings.database_url))
     with database(settings) as url:
@@ -283,7 +289,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
                 host=settings.host,
                 port=settings.port,
                 print=lambda _msg: log.info(
-                    "listening on http://%s:%s", settings.host, settings.port
+                    "listening on http://%s:%s (inspector page at /)", settings.host, settings.port
                 ),
                 shutdown_timeout=5,
                 access_log=None,
