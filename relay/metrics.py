@@ -87,7 +87,6 @@ class Counts:
         self.closes: dict[int, int] = {}
         self.joins: dict[str, int] = {"chat": 0, "db": 0}
         self.connections: dict[str, int] = {}
-        self.refused: dict[str, int] = {}
         self.events_ingested = 0
         self.latency = Buckets(LATENCY_BUCKETS)
 
@@ -118,10 +117,6 @@ class Counts:
 
     def connected(self, app: str) -> None:
         self.connections[app] = self.connections.get(app, 0) + 1
-
-    def refuse(self, reason: str) -> None:
-        key = error_reason(reason)
-        self.refused[key] = self.refused.get(key, 0) + 1
 
     def ingested(self, events: int, seconds: float) -> None:
         """``events`` dispatched by the listener, ``seconds`` after their commit at most."""
@@ -169,7 +164,6 @@ class RelayCollector(Collector):
             "app",
             counts.connections,
         )
-        yield _counter("relay_connections_refused", "Connections refused", "reason", counts.refused)
         yield _counter(
             "relay_frames_received", "Frames received, by type", "type", counts.frames_in
         )
