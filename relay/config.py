@@ -55,6 +55,8 @@ class Settings:
     # A resuming client that reads nothing of its replay for this long is cut
     # off as a slow consumer (0: never), so it cannot hold the replay open.
     replay_stall_seconds: float = 30.0
+    # The most rows a snapshot join sends; over it the join is refused (use a filter).
+    snapshot_max_rows: int = 10_000
     # Frames a socket may send per second (0: unmetered), unless its app's plan
     # says otherwise; bursts of up to rate x burst seconds pass.
     messages_per_second: float = 100.0
@@ -133,6 +135,9 @@ class Settings:
                 f"RELAY_LOG_FORMAT must be text or json, got {env['RELAY_LOG_FORMAT']!r}"
             )
         settings.dev_tokens = _bool(env, "RELAY_DEV_TOKENS", settings.dev_tokens)
+        settings.snapshot_max_rows = _int(
+            env, "RELAY_SNAPSHOT_MAX_ROWS", settings.snapshot_max_rows
+        )
         settings.replay_stall_seconds = _float(
             env, "RELAY_REPLAY_STALL_SECONDS", settings.replay_stall_seconds
         )

@@ -18,12 +18,15 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import orjson
+
 from relay import protocol
 from relay.auth import Identity
 from relay.hub import Socket
 from relay.permissions import Mode, can_read, mode_of
 from relay.protocol import CloseCode
 from relay.schema import DEFAULT_APP
+from relay.views import View
 
 log = logging.getLogger("relay.db")
 
@@ -59,19 +62,43 @@ class Held:
 
     def __init__(self, cursor: Position) -> None:
         self.cursor = cursor
-        self.frames: deque[tuple[Position, str]] = deque()
+        self.frames: deque[tuple[Position, str, int | None]] = deque()
         self.size = 0
 
-    def hold(self, pos: Position, text: str, max_bytes: int) -> bool:
+    def hold(self, pos: Position, text: str, xid: int | None, max_bytes: int) -> bool:
         """Keep one frame; False when that breaks the bounds (the socket is too slow)."""
-        self.frames.append((pos, text))
+        self.frames.append((pos, text, xid))
         self.size += len(text)
         return len(self.frames) <= MAX_HELD_FRAMES and self.size <= max_bytes
 
     def pop(self) -> str:
-        self.cursor, text = self.frames.popleft()
+        self.cursor, text, _ = self.frames.popleft()
         self.size -= len(text)
         return text
+
+    def drop_visible(self, snapshot: Snapshot) -> None:
+        """Forget frames of transactions a snapshot already saw (they are in its rows)."""
+        kept = deque(f for f in self.frames if f[2] is None or not snapshot.sees(f[2]))
+        self.frames = kept
+        self.size = sum(len(f[1]) for f in kept)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A PostgreSQL snapshot (pg_current_snapshot() as text: 'xmin:xmax:xip,...')."""
+
+    xmin: int
+    xmax: int
+    running: frozenset[int]
+
+    @classmethod
+    def parse(cls, text: str) -> Snapshot:
+        xmin, xmax, xip = text.split(":")
+        return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x))
+
+    def sees(self, xid: int) -> bool:
+        """Whether a transaction's changes are visible in this snapshot (it committed before)."""
+        return xid < self.xmin or (xid < self.xmax and xid not in self.running)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +116,7 @@ class Event:
     old_account_id: str | None = None
     data: str | None = None  # the full new row as JSON text
     app: str = DEFAULT_APP  # the app the table belongs to
+    xid: int | None = None  # the writing transaction (live events only)
 
     @property
     def pos(self) -> str:
@@ -136,6 +164,19 @@ class RepoSubscribers:
     catching_up: dict[Socket, Held] = field(default_factory=dict)
     # The identity each socket was indexed under (it may re-auth as another).
     indexed_as: dict[Socket, Identity] = field(default_factory=dict)
+    # Subscribers with a row filter: indexed apart (so that they cost nothing
+    # to the others), each with its view (relay.views).
+    filtered: RepoSubscribers | None = None
+    views: dict[Socket, View] = field(default_factory=dict)
+    # Sockets that joined with a snapshot: events of transactions it saw are
+    # skipped for them, until the listener has passed the tick it noted.
+    seen: dict[Socket, tuple[Snapshot, int]] = field(default_factory=dict)
+
+    def members(self) -> set[Socket]:
+        """Every subscriber, filtered or not."""
+        if self.filtered is None or not self.filtered.everyone:
+            return self.everyone
+        return self.everyone | self.filtered.everyone
 
     def add(self, socket: Socket) -> None:
         ident = socket.identity
@@ -154,6 +195,9 @@ class RepoSubscribers:
         self.everyone.discard(socket)
         self.roots.discard(socket)
         self.catching_up.pop(socket, None)
+        self.seen.pop(socket, None)
+        if self.views.pop(socket, None) is not None and self.filtered is not None:
+            self.filtered.remove(socket)
         if ident is None:
             return
         for index, key in ((self.by_account, ident.account_id), (self.by_user, ident.user_id)):
@@ -184,28 +228,45 @@ class DbHub:
     def subscribers(self, app: str, repo: str) -> RepoSubscribers | None:
         return self.repos.get((app, repo))
 
-    def subscribe(self, socket: Socket, repo: str, after: Position | None = None) -> None:
+    def subscribe(
+        self,
+        socket: Socket,
+        repo: str,
+        after: Position | None = None,
+        view: View | None = None,
+    ) -> None:
         """Subscribe to ``repo`` of the socket's own app; with ``after``, as catching up
-        from that position (live frames are held until :meth:`release_some`)."""
+        from that position (live frames are held until :meth:`release_some`); with a
+        ``view``, through a row filter. Subscribing again replaces the subscription."""
         key = (socket.app_id, repo)
         subs = self.repos.get(key)
         if subs is None:
             subs = self.repos[key] = RepoSubscribers(socket.app_id, repo, mode_of(repo))
         held = subs.catching_up.get(socket)
+        kept_view = subs.views.get(socket)
         subs.remove(socket)  # re-joining (perhaps as another user) re-indexes
-        subs.add(socket)
+        if view is None and after is None and held is not None:
+            view = kept_view  # re-indexed mid-replay: keep its filter too
+        if view is None:
+            subs.add(socket)
+        else:
+            if subs.filtered is None:
+                subs.filtered = RepoSubscribers(subs.app, subs.repo, subs.mode)
+            subs.filtered.add(socket)
+            subs.views[socket] = view
         if after is not None:
             subs.catching_up[socket] = Held(after)
         elif held is not None:  # re-indexed mid-replay: the replay goes on
             subs.catching_up[socket] = held
         socket.channels.add(protocol.DB_CHANNEL_PREFIX + repo)
 
-    def delivered(self, socket: Socket, repo: str, live: Position) -> Position:
-        """Where the socket's stream of ``repo`` stands: ``live`` (the listener's
-        position) once it is live, else how far its replay has got."""
+    def delivered(self, socket: Socket, repo: str, live: Position) -> tuple[Position, str | None]:
+        """Where the socket's stream of ``repo`` stands, and its filter: ``live`` (the
+        listener's position) once it is live, else how far its replay has got."""
         subs = self.repos.get((socket.app_id, repo))
         held = subs.catching_up.get(socket) if subs is not None else None
-        return held.cursor if held is not None else live
+        view = subs.views.get(socket) if subs is not None else None
+        return (held.cursor if held is not None else live), (view.source if view else None)
 
     def unsubscribe(self, socket: Socket, repo: str) -> None:
         key = (socket.app_id, repo)
@@ -214,7 +275,7 @@ class DbHub:
         if subs is None:
             return
         subs.remove(socket)
-        if not subs.everyone:
+        if not subs.members():
             del self.repos[key]
 
     def unsubscribe_all(self, socket: Socket) -> None:
@@ -235,16 +296,44 @@ class DbHub:
             if targets:
                 tail = protocol.encode_tail(type_, data, channel, pos=event.pos)
                 self._send(subs, targets, tail, event)
+        if subs.filtered is not None and subs.filtered.everyone:
+            self._dispatch_views(subs, subs.filtered, event, channel)
+
+    def _dispatch_views(
+        self, subs: RepoSubscribers, index: RepoSubscribers, event: Event, channel: str
+    ) -> None:
+        """Filtered subscribers: the permission index narrows, each view decides."""
+        new = index.readers(event.owner_id, event.account_id)
+        old: set[Socket] = set()
+        if event.op == "u":
+            old = (
+                new
+                if index.mode.everyone_reads
+                else index.readers(event.old_owner_id, event.old_account_id)
+            )
+        if not new and not old:
+            return  # none of them may read it: the row is not even decoded
+        row = orjson.loads(event.data) if event.data else None
+        groups: dict[str, list[Socket]] = {}
+        for s in new | old:
+            kind = subs.views[s].frame_type(event.op, event.row_id, row, s in new, s in old)
+            if kind is not None:
+                groups.setdefault(kind, []).append(s)
+        for kind, targets in groups.items():
+            data = event.deleted_data() if kind == "db_deleted" else event.data or ""
+            self._send(
+                subs, targets, protocol.encode_tail(kind, data, channel, pos=event.pos), event
+            )
 
     def _notify(
         self, subs: RepoSubscribers, event: Event, channel: str, text: str, reason: str
     ) -> None:
         tail = protocol.encode_tail("error", text, channel, pos=event.pos, reason=reason)
         if event.op != "x":
-            self._send(subs, subs.everyone, tail, event)
+            self._send(subs, subs.members(), tail, event)
             return
         # Dropped: told at once (held frames go with the subscription), then unsubscribed.
-        everyone = list(subs.everyone)
+        everyone = list(subs.members())
         for s in everyone:
             s.send(protocol.with_sid(s.id, tail))
         for s in everyone:
@@ -258,19 +347,22 @@ class DbHub:
         for subs in self.repos.values():
             channel = protocol.DB_CHANNEL_PREFIX + subs.repo
             tail = protocol.encode_tail("error", PRUNED, channel, reason="pruned")
-            for s in subs.everyone:
+            for s in subs.members():
                 s.send(protocol.with_sid(s.id, tail))
 
     def _send(
         self, subs: RepoSubscribers, targets: Iterable[Socket], tail: str, event: Event
     ) -> None:
         held = subs.catching_up
+        seen = subs.seen
         overflowed = []
         for s in targets:
+            if seen and s in seen and _already_seen(seen, s, event):
+                continue
             text = protocol.with_sid(s.id, tail)
             if held and s in held:
                 pos = Position(event.tick, event.seq)
-                if not held[s].hold(pos, text, s.queue_bytes or DEFAULT_HELD_BYTES):
+                if not held[s].hold(pos, text, event.xid, s.queue_bytes or DEFAULT_HELD_BYTES):
                     overflowed.append(s)
             else:
                 s.send(text)
@@ -301,10 +393,47 @@ class DbHub:
             if event.op == "x":
                 self.unsubscribe(socket, repo)
             return 1
-        frames = audience_of(subs.mode, ident, event)
+        view = subs.views.get(socket)
+        frames = (
+            audience_of(subs.mode, ident, event)
+            if view is None
+            else _view_frames(view, subs.mode, ident, event)
+        )
         for type_, data in frames:
             socket.send(protocol.encode(socket.id, type_, data, channel, pos=event.pos))
         return len(frames)
+
+    def snapshot_taken(self, socket: Socket, repo: str, snapshot: Snapshot, tick: int) -> None:
+        """The socket's rows were read as of ``snapshot``; every transaction it saw is
+        in a tick at or before ``tick``. From now on, events of those transactions are
+        not sent to it (they are in its rows), whether held already or still to come."""
+        subs = self.repos.get((socket.app_id, repo))
+        held = subs.catching_up.get(socket) if subs is not None else None
+        if subs is None or held is None:
+            return
+        held.drop_visible(snapshot)
+        subs.seen[socket] = (snapshot, tick)
+
+    def snapshot_row(
+        self, socket: Socket, repo: str, row_id: str, data: str, pos: Position
+    ) -> bool:
+        """Send one row of a snapshot as db_created; False once the socket stopped catching up."""
+        subs = self.repos.get((socket.app_id, repo))
+        if subs is None or socket not in subs.catching_up:
+            return False
+        view = subs.views.get(socket)
+        if view is not None:
+            view.remember(row_id)
+        channel = protocol.DB_CHANNEL_PREFIX + repo
+        socket.send(protocol.encode(socket.id, "db_created", data, channel, pos=str(pos)))
+        return True
+
+    def snapshot_done(self, socket: Socket, repo: str) -> None:
+        """Every row was sent: a filtered view now knows all its client holds."""
+        subs = self.repos.get((socket.app_id, repo))
+        view = subs.views.get(socket) if subs is not None else None
+        if view is not None:
+            view.complete = True
 
     def release_some(self, socket: Socket, repo: str) -> bool:
         """Send what was held back during a replay while the socket has room.
@@ -365,3 +494,28 @@ def audience_of(mode: Mode, ident: Identity, event: Event) -> list[tuple[str, st
     if now:
         return [("db_created", event.data or "")]
     return []
+
+
+def _view_frames(view: View, mode: Mode, ident: Identity, event: Event) -> list[tuple[str, str]]:
+    """The replay path of a filtered subscriber: the same decision as the live one."""
+
+    def sees(owner: str | None, account: str | None) -> bool:
+        return ident.is_root or can_read(mode, ident.user_id, ident.account_id, owner, account)
+
+    row = orjson.loads(event.data) if event.data else None
+    read_old = event.op == "u" and sees(event.old_owner_id, event.old_account_id)
+    kind = view.frame_type(
+        event.op, event.row_id, row, sees(event.owner_id, event.account_id), read_old
+    )
+    if kind is None:
+        return []
+    return [(kind, event.deleted_data() if kind == "db_deleted" else event.data or "")]
+
+
+def _already_seen(seen: dict[Socket, tuple[Snapshot, int]], socket: Socket, event: Event) -> bool:
+    """True when ``socket``'s snapshot already holds this event's change."""
+    snapshot, tick = seen[socket]
+    if event.tick > tick:
+        del seen[socket]  # every transaction the snapshot saw has been dispatched
+        return False
+    return event.xid is not None and snapshot.sees(event.xid)

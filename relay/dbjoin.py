@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import asyncpg
 
 from relay import protocol
-from relay.dbhub import DbHub, Position
+from relay.dbhub import DbHub, Position, Snapshot
+from relay.filters import Filter, FilterError
 from relay.hub import Socket
 from relay.listener import Listener, event_from_record
+from relay.permissions import mode_of, sql_condition
 from relay.pool import Database
 from relay.protocol import RelayError
+from relay.views import View
 
 log = logging.getLogger("relay.ws")
 
@@ -35,6 +39,19 @@ PAGE_SQL = "SELECT * FROM relay.events_page($1, $2, $3, $4, $5, $6)"
 # The SQLSTATE relay.events_page raises when the log was pruned under a replay.
 PRUNED = "RL001"
 RELOAD = "reload the data, then join without 'after'"
+# The most rows a snapshot join sends (RELAY_SNAPSHOT_MAX_ROWS); over it the join is refused.
+SNAPSHOT_LIMIT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class JoinOptions:
+    """What a db- join asks for besides the subscription (DESIGN.md's extensions)."""
+
+    after: str | None = None  # resume after this position
+    snapshot: bool = False  # the current rows first, then the stream
+    filter: str | None = None  # column=op.value
+    snapshot_limit: int = SNAPSHOT_LIMIT
+    stall_seconds: float | None = None
 
 
 async def join_db(
@@ -43,31 +60,48 @@ async def join_db(
     dbhub: DbHub,
     socket: Socket,
     name: str,
-    after_text: str | None,
+    options: JoinOptions,
     admit: Callable[[], None],
-    stall_seconds: float | None = None,
 ) -> None:
     """``admit`` re-checks the socket's right to join after the awaits (its
     session may have expired while the database answered); it raises to refuse."""
     repo = name[len(protocol.DB_CHANNEL_PREFIX) :]
-    watched = await db.fetchval(
-        "SELECT 1 FROM relay.watched WHERE app = $1 AND repo = $2", socket.app_id, repo
+    table = await db.fetchrow(
+        "SELECT table_oid::regclass::text AS tbl, id_column, owner_column, account_column"
+        " FROM relay.watched WHERE app = $1 AND repo = $2",
+        socket.app_id,
+        repo,
     )
-    if not watched:
+    if table is None:
         raise RelayError(f"cannot join {name}: {repo!r} is not a watched table")
-    after = await _check_position(db, listener, after_text) if after_text else None
+    if options.after and options.snapshot:
+        raise RelayError("a join takes 'after' or 'snapshot', not both")
+    view, row_filter = (
+        await _view(db, table["tbl"], options.filter)
+        if options.filter
+        else (
+            None,
+            None,
+        )
+    )
+    after = await _check_position(db, listener, options.after) if options.after else None
     if socket.closing:
         return
     admit()
     # Subscribing and reading the listener's position happen in one step of
     # the event loop: whatever is dispatched from now on comes after `upto`.
-    dbhub.subscribe(socket, repo, after=after)
     upto = listener.position
+    catching_up = after if after is not None else (upto if options.snapshot else None)
+    dbhub.subscribe(socket, repo, after=catching_up, view=view)
     socket.reply("joined", name, channel=name, pos=str(upto))
-    if after is None:
+    if catching_up is None:
         return
     try:
-        sent = await _replay(db, dbhub, socket, repo, after, upto, stall_seconds)
+        if options.snapshot:
+            sent = await _snapshot(db, dbhub, socket, repo, table, row_filter, upto, options)
+        else:
+            assert after is not None
+            sent = await _replay(db, dbhub, socket, repo, after, upto, options.stall_seconds)
     except asyncpg.PostgresError as err:
         dbhub.unsubscribe(socket, repo)
         if err.sqlstate == PRUNED:
@@ -80,12 +114,99 @@ async def join_db(
         dbhub.unsubscribe(socket, repo)
         log.warning("replay failed sid=%s channel=%s error=%s", socket.id, name, type(err).__name__)
         raise RelayError("could not read the event log; join again shortly") from err
+    except RelayError:
+        dbhub.unsubscribe(socket, repo)
+        raise
     if sent is None:
         return  # gone, cut off, or re-joined meanwhile
     while not dbhub.release_some(socket, repo):
-        if not await socket.wait_writable(stall_seconds):
+        if not await socket.wait_writable(options.stall_seconds):
             return
-    log.info("replayed sid=%s channel=%s after=%s events=%d", socket.id, name, after, sent)
+    what = "snapshot rows" if options.snapshot else "events"
+    log.info("caught up sid=%s channel=%s %s=%d", socket.id, name, what.replace(" ", "_"), sent)
+
+
+async def _view(db: Database, table: str, text: str) -> tuple[View, Filter]:
+    """A filtered subscription's view, the filter checked against the table's columns."""
+    try:
+        row_filter = Filter.parse(text)
+    except FilterError as err:
+        raise RelayError(f"invalid filter: {err}") from None
+    column = await db.fetchrow(
+        "SELECT format_type(a.atttypid, a.atttypmod) AS type, t.typcategory::text AS category"
+        " FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
+        " WHERE a.attrelid = $1::regclass AND a.attname = $2 AND a.attnum > 0"
+        " AND NOT a.attisdropped",
+        table,
+        row_filter.column,
+    )
+    if column is None:
+        raise RelayError(f"invalid filter: the table has no column {row_filter.column!r}")
+    try:
+        matches = row_filter.matcher(column["category"])
+    except FilterError as err:
+        raise RelayError(f"invalid filter: {err}") from None
+    return View(matches, source=text), replace(row_filter, column_type=column["type"])
+
+
+async def _snapshot(
+    db: Database,
+    dbhub: DbHub,
+    socket: Socket,
+    repo: str,
+    table: asyncpg.Record,
+    row_filter: Filter | None,
+    upto: Position,
+    options: JoinOptions,
+) -> int | None:
+    """Send the rows the user may read (and that pass the filter) as of one snapshot.
+
+    The snapshot is taken after the subscription, so every transaction it
+    does not see is dispatched later and arrives live; the held live frames
+    of transactions it did see are dropped: no gap, no duplicate.
+    """
+    ident = socket.identity
+    assert ident is not None
+    condition, args = sql_condition(
+        mode_of(repo),
+        ident.user_id,
+        ident.account_id,
+        ident.is_root,
+        table["owner_column"],
+        table["account_column"],
+        first_arg=1,
+    )
+    if row_filter is not None:
+        clause, more = row_filter.sql(row_filter.column_type, first_arg=len(args) + 1)
+        condition += " AND " + clause
+        args += more
+    ident_col = '"' + table["id_column"].replace('"', '""') + '"'
+    query = (
+        f"SELECT to_json(t.{ident_col})::text AS id, row_to_json(t.*)::text AS data"
+        f" FROM {table['tbl']} t WHERE {condition} LIMIT {options.snapshot_limit + 1}"
+    )
+    async with db.acquire() as conn:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            # The first statement fixes the transaction's snapshot: the rows are as of it.
+            snapshot = Snapshot.parse(await conn.fetchval("SELECT pg_current_snapshot()::text"))
+            rows = await conn.fetch(query, *args)
+        # A tick taken now holds (at or before it) every transaction the snapshot saw.
+        tick = await conn.fetchval("SELECT relay.tick()")
+    if len(rows) > options.snapshot_limit:
+        raise RelayError(
+            f"snapshot too large: more than {options.snapshot_limit} rows; "
+            "narrow it with a filter, or join without 'snapshot'"
+        )
+    dbhub.snapshot_taken(socket, repo, snapshot, tick)
+    for row in rows:
+        if not socket.has_room and not await socket.wait_writable(options.stall_seconds):
+            return None
+        if not dbhub.snapshot_row(socket, repo, row["id"], row["data"], upto):
+            return None
+    dbhub.snapshot_done(socket, repo)
+    name = protocol.DB_CHANNEL_PREFIX + repo
+    socket.reply("db_synced", str(upto), channel=name)
+    return len(rows)
 
 
 async def _check_position(db: Database, listener: Listener, text: str) -> Position:

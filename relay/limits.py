@@ -79,7 +79,7 @@ class SocketLimits:
         self.budget = budget
         # Channels left when the session expired, restored by the next auth.
         self.suspended: list[str] = []
-        # Where each paused db- channel's stream stopped (Position), to resume from.
+        # Where each paused db- channel's stream stopped, and its filter, to resume from.
         self.paused_at: dict[str, Any] = {}
         # The task suspending them, so an auth arriving meanwhile waits for it.
         self.expiring: asyncio.Task[None] | None = None

@@ -67,6 +67,7 @@ def event_from_record(r: Any) -> Event:
         old_owner_id=r["old_owner_id"],
         old_account_id=r["old_account_id"],
         data=r["data"],
+        xid=r.get("xid"),
     )
 
 

@@ -44,3 +44,34 @@ def can_read(
     if mode.group_reads and account_id is not None and row_account == account_id:
         return True
     return mode.owner_reads and row_owner is not None and row_owner == user_id
+
+
+def sql_condition(
+    mode: Mode,
+    user_id: str,
+    account_id: str | None,
+    is_root: bool,
+    owner_column: str | None,
+    account_column: str | None,
+    first_arg: int,
+) -> tuple[str, list[object]]:
+    """The same rule as :func:`can_read`, as a WHERE condition for a snapshot query.
+
+    Columns are compared as text, as events compare them; ``tests/test_permissions``
+    checks on random rows that the two forms agree.
+    """
+    if mode.everyone_reads or is_root:
+        return "TRUE", []
+    terms: list[str] = []
+    args: list[object] = []
+    if mode.group_reads and account_id is not None and account_column is not None:
+        args.append(account_id)
+        terms.append(f"{_quote(account_column)}::text = ${first_arg + len(args) - 1}")
+    if mode.owner_reads and owner_column is not None:
+        args.append(user_id)
+        terms.append(f"{_quote(owner_column)}::text = ${first_arg + len(args) - 1}")
+    return ("(" + " OR ".join(terms) + ")" if terms else "FALSE"), args
+
+
+def _quote(column: str) -> str:
+    return '"' + column.replace('"', '""') + '"'

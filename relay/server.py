@@ -12,7 +12,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import asyncpg
 from aiohttp import WSMsgType, web
@@ -22,7 +22,7 @@ from relay.auth import TokenRejected, TokenVerifier, load_public_key, new_socket
 from relay.broker import Broker, BrokerError, create_broker
 from relay.config import Settings
 from relay.dbhub import DbHub, Position
-from relay.dbjoin import join_db
+from relay.dbjoin import JoinOptions, join_db
 from relay.hub import Hub, Socket
 from relay.limits import socket_limits
 from relay.listener import Listener
@@ -95,7 +95,7 @@ class RelayState:
         told = 0
         for subs in self.dbhub.repos.values():
             channel = protocol.DB_CHANNEL_PREFIX + subs.repo
-            for s in subs.everyone:
+            for s in subs.members():
                 s.reply("error", DB_DELAYED, channel=channel)
                 told += 1
         log.warning("database unreachable; db events delayed subscriptions=%d", told)
@@ -459,9 +459,10 @@ async def on_auth(state: RelayState, app: App, socket: Socket, frame: ClientFram
     socket.reply("token", socket.token)
     for name in chat:  # channels paused when the previous session expired
         socket.reply("joined", name, channel=name)
-    for name, pos in paused.items():  # each resumes where it stopped: joined, replay, live
+    for name, (pos, row_filter) in paused.items():  # each resumes where it stopped
+        options = JoinOptions(after=str(pos), filter=row_filter)
         try:
-            await _join_db(state, socket, name, str(pos), admit=lambda: _require_session(socket))
+            await _join_db(state, socket, name, options, admit=lambda: _require_session(socket))
         except RelayError as err:
             _report(state, socket, RelayError(err.message), blame=False, channel=name)
 
@@ -484,9 +485,13 @@ async def on_join(state: RelayState, app: App, socket: Socket, frame: ClientFram
     if name not in socket.channels and len(socket.channels) >= limit:
         raise RelayError(f"too many channels: a socket may join at most {limit}")
     if protocol.is_db_channel(name):
-        await _join_db(
-            state, socket, name, frame.get("after"), admit=lambda: _require_auth(socket, frame)
+        snapshot = frame.get("snapshot")
+        if snapshot not in (None, "true", "false"):
+            raise RelayError("'snapshot' must be \"true\" or absent")
+        options = JoinOptions(
+            after=frame.get("after"), snapshot=snapshot == "true", filter=frame.get("filter")
         )
+        await _join_db(state, socket, name, options, admit=lambda: _require_auth(socket, frame))
         state.counts.joins["db"] += 1
         return
     await state.hub.join(socket, name, admit=lambda: _require_auth(socket, frame))
@@ -498,20 +503,17 @@ async def _join_db(
     state: RelayState,
     socket: Socket,
     name: str,
-    after: str | None,
+    options: JoinOptions,
     admit: Callable[[], None],
 ) -> None:
     assert state.db is not None and state.listener is not None
-    await join_db(
-        state.db,
-        state.listener,
-        state.dbhub,
-        socket,
-        name,
-        after,
-        admit=admit,
-        stall_seconds=state.settings.replay_stall_seconds or None,
+    settings = state.settings
+    options = replace(
+        options,
+        snapshot_limit=settings.snapshot_max_rows,
+        stall_seconds=settings.replay_stall_seconds or None,
     )
+    await join_db(state.db, state.listener, state.dbhub, socket, name, options, admit=admit)
 
 
 async def on_chan_in(state: RelayState, app: App, socket: Socket, frame: ClientFrame) -> None:

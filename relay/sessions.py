@@ -69,11 +69,13 @@ async def _suspend(
             await hub.leave(socket, name)
 
 
-async def resume(hub: Hub, socket: Socket) -> tuple[list[str], dict[str, Position]]:
+async def resume(
+    hub: Hub, socket: Socket
+) -> tuple[list[str], dict[str, tuple[Position, str | None]]]:
     """After a successful auth: rejoin the chat channels paused by expiry.
 
     Returns their names, and each paused db- channel with the position its
-    stream stopped at, for the caller to join again from there.
+    stream stopped at (and its filter), for the caller to join again from there.
     """
     limits = socket.limits
     task, limits.expiring = limits.expiring, None

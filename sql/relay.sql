@@ -89,14 +89,16 @@ $$;
 CREATE OR REPLACE FUNCTION relay.events_between(after_tick bigint, upto_tick bigint)
 RETURNS TABLE (
     tick bigint, seq bigint, app text, repo text, op text, row_id text,
-    owner_id text, account_id text, old_owner_id text, old_account_id text, data text
+    owner_id text, account_id text, old_owner_id text, old_account_id text, data text,
+    xid bigint
 )
 LANGUAGE sql STABLE
 SET plan_cache_mode = force_custom_plan
 SET enable_seqscan = off
 AS $$
     SELECT t.id, e.seq, e.app, e.repo, e.op::text, e.row_id::text,
-           e.owner_id, e.account_id, e.old_owner_id, e.old_account_id, e.data::text
+           e.owner_id, e.account_id, e.old_owner_id, e.old_account_id, e.data::text,
+           e.xid::text::bigint
     FROM (
         SELECT id, snapshot, lag(snapshot) OVER (ORDER BY id) AS prev
         FROM relay.ticks
@@ -185,8 +187,10 @@ $$;
 -- only "upto" set is returned.
 CREATE OR REPLACE FUNCTION relay.poll(after_tick bigint, max_rows integer)
 RETURNS TABLE (
-    upto bigint, pruned boolean, tick bigint, seq bigint, app text, repo text, op text, row_id text,
-    owner_id text, account_id text, old_owner_id text, old_account_id text, data text
+    upto bigint, pruned boolean,
+    tick bigint, seq bigint, app text, repo text, op text, row_id text,
+    owner_id text, account_id text, old_owner_id text, old_account_id text, data text,
+    xid bigint
 )
 LANGUAGE plpgsql VOLATILE
 SET plan_cache_mode = force_custom_plan
@@ -208,7 +212,7 @@ BEGIN
     END IF;
     RETURN QUERY SELECT newest, lost, NULL::bigint, NULL::bigint, NULL::text, NULL::text,
                         NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text,
-                        NULL::text;
+                        NULL::text, NULL::bigint;
 END;
 $$;
 
@@ -290,7 +294,7 @@ BEGIN
             IF TG_OP = 'INSERT' THEN
                 INSERT INTO relay.events (xid, app, repo, op, row_id, owner_id, account_id, data)
                 SELECT pg_current_xact_id(), %8$L, %2$L, 'c', to_json(n.%3$I), %4$s, %5$s,
-                       row_to_json(n)
+                       row_to_json(n.*)
                 FROM new_rows n;
             ELSIF TG_OP = 'UPDATE' THEN
                 INSERT INTO relay.events (xid, app, repo, op, row_id, owner_id, account_id,
@@ -301,7 +305,7 @@ BEGIN
                        CASE WHEN n.%3$I IS NULL THEN %6$s ELSE %4$s END,
                        CASE WHEN n.%3$I IS NULL THEN %7$s ELSE %5$s END,
                        %6$s, %7$s,
-                       CASE WHEN n.%3$I IS NULL THEN NULL ELSE row_to_json(n) END
+                       CASE WHEN n.%3$I IS NULL THEN NULL ELSE row_to_json(n.*) END
                 FROM old_rows o FULL JOIN new_rows n ON o.%3$I = n.%3$I;
             ELSIF TG_OP = 'DELETE' THEN
                 INSERT INTO relay.events (xid, app, repo, op, row_id, owner_id, account_id)

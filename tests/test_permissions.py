@@ -54,3 +54,29 @@ def test_null_columns_match_nobody() -> None:
     mode = mode_of("t_770_")
     assert not can_read(mode, "u", None, None, None)
     assert not can_read(mode, "u", "1", None, None)
+
+
+async def test_sql_and_python_forms_of_the_rule_agree_on_random_rows(db) -> None:
+    """The snapshot's WHERE (sql_condition) and the events' filter (can_read) are one rule."""
+    import random
+
+    from relay.permissions import sql_condition
+
+    rng = random.Random(7)
+    table = f"perm_{rng.randrange(10**9)}"
+    await db.execute(f"CREATE TEMP TABLE {table} (id int, owner_id text, account_id int)")
+    owners = ["u1", "u2", "", None]
+    accounts = [1, 2, None]
+    rows = [(i, rng.choice(owners), rng.choice(accounts)) for i in range(200)]
+    await db.executemany(f"INSERT INTO {table} VALUES ($1, $2, $3)", rows)
+    for digits in itertools.product("01234567", repeat=3):
+        mode = Mode.parse("".join(digits))
+        for user, account, root in (("u1", "1", False), ("u2", None, False), ("x", "2", True)):
+            where, args = sql_condition(mode, user, account, root, "owner_id", "account_id", 1)
+            got = {r["id"] for r in await db.fetch(f"SELECT id FROM {table} WHERE {where}", *args)}
+            expected = {
+                i
+                for i, owner, acct in rows
+                if root or can_read(mode, user, account, owner, None if acct is None else str(acct))
+            }
+            assert got == expected, (digits, user, account, root)

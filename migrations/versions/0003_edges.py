@@ -7,6 +7,8 @@
   of breaking every write to the table.
 - relay.listeners records the last tick each listener dispatched, so the
   pruner can say when it prunes what a live listener has not read.
+- relay.poll() and relay.events_between() return each event's xid, and
+  poll() says when the caller's tick was pruned (sql/relay.sql recreates them).
 - Every table watched before this migration gets its TRUNCATE trigger (new
   tables get it from relay.watch()).
 
@@ -44,7 +46,9 @@ def upgrade() -> None:
         """
     )
     op.add_column("listeners", sa.Column("last_tick", sa.BigInteger), schema="relay")
+    # Their rows gain the events' xid (a snapshot join tells apart what it read).
     op.execute("DROP FUNCTION IF EXISTS relay.poll(bigint, integer)")
+    op.execute("DROP FUNCTION IF EXISTS relay.events_between(bigint, bigint)")
     op.execute(
         """
         DO $$
