@@ -139,6 +139,27 @@ async def test_the_inspector_follows_rows_and_chat(
     await expect(row).to_have_count(0)
     await expect(page.locator("#rows tbody tr")).to_have_count(0)
 
+    # A live view: the rows already there come first (snapshot), filtered.
+    for title in ("kept", "filtered out"):
+        await db.execute(
+            f"INSERT INTO {table} (owner_id, account_id, data) VALUES ('alice', 'acme', $1)",
+            json.dumps({"title": title}),
+        )
+    await page.reload()
+    await expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    await page.fill("#mint-user", "alice")
+    await page.click("#mint-button")
+    await expect(page.locator("#session-token")).not_to_have_value("")
+    await page.click("#connect")
+    await expect(page.locator("#state")).to_have_text("authenticated")
+    await page.fill("#join-name", channel)
+    await page.fill("#join-filter", "data=eq." + json.dumps({"title": "kept"}))
+    await page.check("#join-snapshot")
+    await page.click("#join")
+    await expect(page.locator("#live-note")).to_contain_text("snapshot loaded (1 rows)")
+    await expect(page.locator("#rows tbody tr")).to_have_count(1)
+    await expect(page.locator("#rows tbody")).to_contain_text("kept")
+
 
 async def test_dev_tokens_are_off_unless_asked_for(relay):
     r = await relay()

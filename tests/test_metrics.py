@@ -244,3 +244,30 @@ async def test_relay_status_shows_sockets_channels_and_the_listener(relay, clien
     gone = RelayHandle(r.app, r.runner, free_port(), r.secret)
     result = await asyncio.to_thread(run_status, gone, "--token", root)
     assert result.returncode == 1 and "no relay answers" in result.stderr
+
+
+async def test_readyz_follows_the_redis_broker(relay, tmp_path):
+    from tests.conftest import start_redis
+
+    port = free_port()
+    proc = await asyncio.to_thread(start_redis, port, str(tmp_path))
+    try:
+        r = await relay(broker_url=f"redis://127.0.0.1:{port}/0")
+
+        async def ready() -> bool:
+            return (await readyz(r))[0] == 200
+
+        async def not_ready() -> bool:
+            return (await readyz(r))[0] == 503
+
+        await eventually(ready)
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 10)
+        await eventually(not_ready)
+        assert "broker unreachable" in (await readyz(r))[1]["problems"]
+        assert value(await scrape(r), "relay_up", what="broker") == 0
+        proc = await asyncio.to_thread(start_redis, port, str(tmp_path))
+        await eventually(ready)
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 10)

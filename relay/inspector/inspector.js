@@ -73,6 +73,9 @@ function onFrame(frame) {
     case "db_deleted":
       if (frame.channel === liveChannel) remove(JSON.parse(frame.data));
       break;
+    case "db_synced":
+      if (frame.channel === liveChannel) $("live-note").textContent = `snapshot loaded (${rows.size} rows), live from ${frame.data}`;
+      break;
     case "error":
       if (frame.channel === liveChannel && frame.reason === "truncated") { rows.clear(); render(); }
       if (frame.channel === liveChannel && frame.reason) $("live-note").textContent = frame.data;
@@ -187,7 +190,11 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("join-form").onsubmit = (e) => {
     e.preventDefault();
     const frame = { type: "join", data: $("join-name").value.trim(), token: socketToken };
-    if ($("join-after").value.trim()) frame.after = $("join-after").value.trim();
+    if (frame.data.startsWith("db-")) {
+      if ($("join-after").value.trim()) frame.after = $("join-after").value.trim();
+      if ($("join-filter").value.trim()) frame.filter = $("join-filter").value.trim();
+      if ($("join-snapshot").checked) frame.snapshot = "true";
+    }
     send(frame);
   };
   $("send-form").onsubmit = (e) => {
