@@ -159,7 +159,8 @@ class Operator:
 
     async def metrics(self, request: web.Request) -> web.Response:
         await self.refresh()
-        body = await asyncio.to_thread(generate_latest, self.registry)
+        # In the loop's thread: the collector reads dicts the loop changes.
+        body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def readyz(self, request: web.Request) -> web.Response:

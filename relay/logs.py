@@ -87,11 +87,22 @@ def scrub(text: str) -> str:
     return text
 
 
+def _message(record: logging.LogRecord) -> str | None:
+    """The record's message, or None when its arguments do not fit its format (logging
+    reports that itself when the line is written; a filter must not raise)."""
+    try:
+        return record.getMessage()
+    except (TypeError, ValueError):
+        return None
+
+
 class SocketContext(logging.Filter):
     """Add ``app=`` to a line that names a socket (``sid=``) but not its app."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        message = _message(record)
+        if message is None:
+            return True
         found = _SID.search(message)
         if found is not None:
             record.sid = found.group(1)
@@ -106,7 +117,9 @@ class SocketContext(logging.Filter):
 
 class Scrub(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = scrub(record.getMessage()), None
+        message = _message(record)
+        if message is not None:
+            record.msg, record.args = scrub(message), None
         if record.exc_info and not record.exc_text:
             record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
         elif record.exc_text:

@@ -118,3 +118,28 @@ async def test_logs_of_a_session_hold_no_secret_and_name_each_sockets_app(
     else:
         about_sockets = [ln for ln in lines if "sid=" in ln]
         assert about_sockets and all("app=default" in ln for ln in about_sockets), about_sockets
+
+
+def test_the_scrubber_and_a_malformed_record():
+    import io
+    import logging
+
+    from relay import logs
+
+    out = io.StringIO()
+    log = logging.getLogger("relay.test-scrub")
+    log.addHandler(logs.handler("text", out))
+    log.propagate = False
+    token = secrets.token_urlsafe(24)
+    logs.token_issued(token)
+    try:
+        jwt_text = mint_token("k" * 32, "u", "a")
+        log.warning("saw %s and %s at %s", jwt_text, token, "postgresql://relay:pw123@db/relay")
+        log.warning("broken %s %s", "only one")  # must not raise at the call site
+    finally:
+        logs.token_retired(token)
+        log.handlers.clear()
+    text = out.getvalue()
+    assert jwt_text not in text and "<jwt>" in text
+    assert token not in text and "<token>" in text
+    assert "pw123" not in text and "relay:***@db" in text
