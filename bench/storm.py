@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -118,6 +119,10 @@ def main() -> int:
     args = parser.parse_args()
     quiet_logs()
     raise_fd_limit(2 * args.clients + 256)  # inherited by the relay process
+    # Every client here is one app's, from one address, unauthenticated at first:
+    # the caps on unauthenticated sockets would refuse most of a storm this big.
+    for name in ("", "_PER_APP", "_PER_ADDRESS"):
+        os.environ.setdefault(f"RELAY_MAX_UNAUTHENTICATED{name}", "0")
     with embedded_pg() as pg:
         print(machine_header("connection storm", asyncio.run(pg_version(pg.url))))
         key = asyncio.run(create_app_key(pg.url))

@@ -3,7 +3,9 @@
 A session token is a JWT signed by an app's identity provider (or by
 ``relay token``), verified with that app's key: an HS256 secret, an
 RS256/ES256 public key, or the key set at a JWKS URL (keys picked by ``kid``,
-fetched again when an unknown ``kid`` shows up, so keys rotate without a
+fetched again when an unknown ``kid`` shows up (at most every 30 s: PyJWT's
+cooldown, so a stream of made-up kids cannot make the relay hammer the
+identity provider), so keys rotate without a
 restart). ``sub`` is the user id; a configurable claim is the account id;
 ``role: root`` marks a service token that reads every database event of its
 app. ``exp`` is required and must be a number. A token that names an
@@ -52,8 +54,14 @@ def jwks_client(url: str) -> jwt.PyJWKClient:
     if client is None:
         if len(_JWKS_CLIENTS) >= _MAX_JWKS_CLIENTS:
             _JWKS_CLIENTS.clear()
+        # The key set is cached (and fetched again for an unknown kid); keys are not
+        # cached apart from it, or a key removed from the set would stay valid.
         client = jwt.PyJWKClient(
-            url, cache_keys=True, lifespan=JWKS_CACHE_SECONDS, timeout=int(JWKS_TIMEOUT)
+            url,
+            cache_keys=False,
+            cache_jwk_set=True,
+            lifespan=JWKS_CACHE_SECONDS,
+            timeout=int(JWKS_TIMEOUT),
         )
         _JWKS_CLIENTS[url] = client
     return client

@@ -57,6 +57,22 @@ class Settings:
     replay_stall_seconds: float = 30.0
     # The most rows a snapshot join sends; over it the join is refused (use a filter).
     snapshot_max_rows: int = 10_000
+    # Outgoing bytes queued for all sockets together (a body shared by many
+    # sockets counts once); over it, the sockets with the biggest queues are cut (4001).
+    send_queue_total_bytes: int = 256 * 1024 * 1024
+    # Before auth: a socket must authenticate within auth_timeout_seconds (0: no
+    # deadline) and may send at most preauth_max_bytes in all; unauthenticated
+    # sockets are capped per process, per app and per remote address (0: no cap).
+    # Over a cap (or the plan's connection cap), the oldest unauthenticated socket
+    # of that scope connected for at least auth_grace_seconds makes room.
+    auth_timeout_seconds: float = 10.0
+    preauth_max_bytes: int = 64 * 1024
+    max_unauthenticated: int = 10_000
+    max_unauthenticated_per_app: int = 2000
+    max_unauthenticated_per_address: int = 256
+    auth_grace_seconds: float = 2.0
+    # An HTTP request head (the /ws upgrade included) must arrive within this.
+    request_head_timeout_seconds: float = 10.0
     # Frames a socket may send per second (0: unmetered), unless its app's plan
     # says otherwise; bursts of up to rate x burst seconds pass.
     messages_per_second: float = 100.0
@@ -141,6 +157,12 @@ class Settings:
         settings.replay_stall_seconds = _float(
             env, "RELAY_REPLAY_STALL_SECONDS", settings.replay_stall_seconds
         )
+        for name, attr in _HARDENING:
+            current = getattr(settings, attr)
+            value = (_int if isinstance(current, int) else _float)(env, name, current)
+            if value < 0:
+                raise ConfigError(f"{name} must not be negative, got {env[name]!r}")
+            setattr(settings, attr, value)
         return settings
 
     @property
@@ -165,6 +187,19 @@ class Settings:
         with os.fdopen(fd, "w") as out:
             out.write(secret + "\n")
         return secret
+
+
+# Limits on what clients can make the relay hold: (environment variable, attribute).
+_HARDENING = (
+    ("RELAY_SEND_QUEUE_TOTAL_BYTES", "send_queue_total_bytes"),
+    ("RELAY_AUTH_TIMEOUT_SECONDS", "auth_timeout_seconds"),
+    ("RELAY_PREAUTH_MAX_BYTES", "preauth_max_bytes"),
+    ("RELAY_MAX_UNAUTHENTICATED", "max_unauthenticated"),
+    ("RELAY_MAX_UNAUTHENTICATED_PER_APP", "max_unauthenticated_per_app"),
+    ("RELAY_MAX_UNAUTHENTICATED_PER_ADDRESS", "max_unauthenticated_per_address"),
+    ("RELAY_AUTH_GRACE_SECONDS", "auth_grace_seconds"),
+    ("RELAY_REQUEST_HEAD_TIMEOUT_SECONDS", "request_head_timeout_seconds"),
+)
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

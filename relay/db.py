@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger("relay.db")
 
@@ -34,6 +37,40 @@ def read_migration_sql(filename: str) -> str:
     return (_resource_dir("migrations") / "sql" / filename).read_text()
 
 
+FORWARD_ONLY = (
+    "relay's migrations go forward only: a downgrade would drop the event log, and schema "
+    "relay also holds alembic's version table. Nothing was changed; to go back, restore a "
+    "backup taken before the upgrade"
+)
+
+
+def refuse_downgrade() -> NoReturn:
+    """Every migration's ``downgrade``: refuse before any change (alembic prints the reason)."""
+    from alembic.util import CommandError
+
+    raise CommandError(FORWARD_ONLY)
+
+
+# Taken first by a migration that changes relay.events and also a watched
+# table (triggers): writers lock their table, then relay.events (in the capture
+# trigger), so a migration must take the same locks in the same order or the
+# two deadlock. It waits for writers in flight; new ones wait for its commit.
+LOCK_WATCHED_TABLES = """
+DO $$
+DECLARE
+    w record;
+BEGIN
+    FOR w IN SELECT table_oid FROM relay.watched
+             WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = table_oid)
+             ORDER BY table_oid::oid
+    LOOP
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', w.table_oid);
+    END LOOP;
+END;
+$$
+"""
+
+
 def sqlalchemy_url(url: str) -> str:
     """A libpq URL as SQLAlchemy's psycopg dialect wants it."""
     for prefix in ("postgresql://", "postgres://"):
@@ -42,15 +79,23 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
-def run_migrations(url: str) -> None:
-    """Bring the relay schema to the newest revision (blocking: call it in a thread)."""
-    from alembic import command
+def alembic_config(url: str) -> Config:
+    """An alembic ``Config`` for the relay's migrations on the database at ``url``."""
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(_resource_dir("migrations")))
     config.attributes["url"] = url
-    command.upgrade(config, "head")
+    return config
+
+
+def run_migrations(url: str) -> None:
+    """Bring the relay schema to the newest revision, then apply the functions of
+    ``sql/relay.sql`` and rewrite every watched table's capture function, all in
+    one transaction (blocking: call it in a thread)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), "head")
 
 
 class EmbeddedPostgres:

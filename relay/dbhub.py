@@ -23,6 +23,7 @@ import orjson
 from relay import protocol
 from relay.auth import Identity
 from relay.hub import Socket
+from relay.outbox import Body
 from relay.permissions import Mode, can_read, mode_of
 from relay.protocol import CloseCode
 from relay.schema import DEFAULT_APP
@@ -260,6 +261,13 @@ class DbHub:
             subs.catching_up[socket] = held
         socket.channels.add(protocol.DB_CHANNEL_PREFIX + repo)
 
+    def reindex(self, socket: Socket, repo: str) -> None:
+        """Index the socket's subscription under its new identity (a renewed session),
+        keeping its row filter and any replay in progress."""
+        subs = self.repos.get((socket.app_id, repo))
+        view = subs.views.get(socket) if subs is not None else None
+        self.subscribe(socket, repo, view=view)
+
     def delivered(self, socket: Socket, repo: str, live: Position) -> tuple[Position, str | None]:
         """Where the socket's stream of ``repo`` stands, and its filter: ``live`` (the
         listener's position) once it is live, else how far its replay has got."""
@@ -356,16 +364,17 @@ class DbHub:
         held = subs.catching_up
         seen = subs.seen
         overflowed = []
+        body = Body(tail)  # encoded once, queued by reference (relay.outbox)
         for s in targets:
             if seen and s in seen and _already_seen(seen, s, event):
                 continue
-            text = protocol.with_sid(s.id, tail)
             if held and s in held:
+                text = protocol.with_sid(s.id, tail)
                 pos = Position(event.tick, event.seq)
                 if not held[s].hold(pos, text, event.xid, s.queue_bytes or DEFAULT_HELD_BYTES):
                     overflowed.append(s)
             else:
-                s.send(text)
+                s.send_shared(body)
         for s in overflowed:
             log.warning("replay could not catch up sid=%s channel=db-%s", s.id, subs.repo)
             s.close(CloseCode.SLOW_CONSUMER, "slow consumer: could not catch up")

@@ -23,7 +23,7 @@ from typing import Any
 OPERATORS = ("eq", "neq", "lt", "lte", "gt", "gte", "in")
 _SQL_OP = {"eq": "=", "neq": "<>", "lt": "<", "lte": "<=", "gt": ">", "gte": ">="}
 _FILTER = re.compile(r"([A-Za-z_][A-Za-z0-9_$]{0,62})=([a-z]+)\.(.*)", re.DOTALL)
-_IN_ITEM = re.compile(r'\s*(?:"((?:[^"\\]|\\.)*)"|([^,]*?))\s*(?:,|$)')
+_IN_ITEM = re.compile(r'\s*(?:"((?:[^"\\]|\\.)*)"|([^,]*?))\s*(?:,|\Z)')
 MAX_IN_VALUES = 100
 
 

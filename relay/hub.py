@@ -20,13 +20,15 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from relay import protocol
 from relay.auth import Identity
 from relay.broker.base import BrokerError
 from relay.limits import ERROR_BUDGET, ERROR_WINDOW, ErrorBudget, SocketLimits
+from relay.logsafe import clean
 from relay.metrics import Counts
+from relay.outbox import Body, SendBudget
 from relay.protocol import CloseCode
 
 if TYPE_CHECKING:
@@ -54,6 +56,7 @@ class Socket:
         queue_bytes: int | None = None,
         transport: asyncio.Transport | None = None,
         limits: SocketLimits | None = None,
+        budget: SendBudget | None = None,
     ) -> None:
         self.id = str(uuid.uuid4())
         self.app_id = app_id
@@ -63,11 +66,14 @@ class Socket:
         self.channels: set[str] = set()
         # What the relay meters on this socket (unmetered but for the error budget by default).
         self.limits = limits or SocketLimits(None, ErrorBudget(ERROR_BUDGET, ERROR_WINDOW))
-        self._queue: deque[str] = deque()
+        # A frame for this socket alone (str), or a body shared with others.
+        self._queue: deque[str | Body] = deque()
         self._queue_limit = queue_limit
         # Counted in characters of the queued JSON text (bytes, for ASCII).
         self._queue_bytes = queue_bytes
         self._queued_bytes = 0
+        self._prefix = protocol.with_sid(self.id, "").encode()
+        self._budget = budget or SendBudget(None)
         self._transport = transport
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
@@ -79,9 +85,23 @@ class Socket:
 
     def send(self, text: str) -> None:
         """Queue one encoded frame; never blocks. Overflow closes the socket."""
+        if self._admit(len(text), len(text)):
+            self._budget.total += len(text)
+            self._enqueue(text, len(text))
+
+    def send_shared(self, body: Body) -> None:
+        """Queue a frame whose body other sockets share; counted once in the budget."""
+        size = len(self._prefix) + len(body.data)
+        if self._admit(size, 0 if body.refs else len(body.data)):
+            body.refs += 1
+            if body.refs == 1:
+                self._budget.total += len(body.data)
+            self._enqueue(body, size)
+
+    def _admit(self, size: int, new_bytes: int) -> bool:
+        """Room for one more frame of ``size``, ``new_bytes`` of it new to the budget?"""
         if self._closing is not None:
-            return
-        size = len(text)
+            return False
         if len(self._queue) >= self._queue_limit or (
             self._queue_bytes is not None and self._queued_bytes + size > self._queue_bytes
         ):
@@ -92,10 +112,38 @@ class Socket:
                 self._queued_bytes,
             )
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer: too many frames queued")
-            return
-        self._queue.append(text)
+            return False
+        self._budget.make_room(new_bytes)
+        return self._closing is None
+
+    def _enqueue(self, item: str | Body, size: int) -> None:
+        self._queue.append(item)
         self._queued_bytes += size
+        self._budget.holders.add(self)
         self._wake.set()
+
+    def _dequeue(self) -> str | Body:
+        item = self._queue.popleft()
+        if isinstance(item, str):
+            self._queued_bytes -= len(item)
+            self._budget.total -= len(item)
+        else:
+            self._queued_bytes -= len(self._prefix) + len(item.data)
+            item.refs -= 1
+            if not item.refs:
+                self._budget.total -= len(item.data)
+        if not self._queue:
+            self._budget.holders.discard(self)
+        return item
+
+    def _drop_queue(self) -> None:
+        while self._queue:
+            self._dequeue()
+
+    @property
+    def queued_bytes(self) -> int:
+        """What this socket's queue holds (shared bodies in full)."""
+        return self._queued_bytes
 
     def reply(
         self, type: str, data: str = "", channel: str = "", token: str = "", **extra: Any
@@ -144,8 +192,7 @@ class Socket:
         self._drained.set()
         self._close_reason = reason
         if code is CloseCode.SLOW_CONSUMER:
-            self._queue.clear()
-            self._queued_bytes = 0
+            self._drop_queue()
             self._cut_off()
             return
         self._wake.set()
@@ -178,18 +225,25 @@ class Socket:
     def closing(self) -> bool:
         return self._closing is not None
 
+    @property
+    def close_code(self) -> CloseCode | None:
+        return self._closing
+
     async def _write_loop(self) -> None:
         ws = self.ws
-        sent = self.counts.sent
+        sent, sent_body = self.counts.sent, self.counts.sent_body
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
                 while self._queue:
-                    text = self._queue.popleft()
-                    self._queued_bytes -= len(text)
-                    await ws.send_str(text)
-                    sent(text)
+                    item = self._dequeue()
+                    if isinstance(item, str):
+                        await ws.send_str(item)
+                        sent(item)
+                    else:
+                        await ws.send_frame(self._prefix + item.data, WSMsgType.TEXT)
+                        sent_body(item.data)
                 self._drained.set()
                 if self._closing is not None:
                     await ws.close(code=self._closing, message=self._close_reason.encode())
@@ -197,15 +251,22 @@ class Socket:
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
             # The peer went away or we are shutting down: nothing left to write to.
             self._lost()
+        finally:
+            self._drop_queue()
 
     def _lost(self) -> None:
         """The connection is gone: drop what is queued and end every wait on this socket."""
         if self._closing is None:
             self._closing = CloseCode.GOING_AWAY
             self._close_reason = "connection lost"
-        self._queue.clear()
-        self._queued_bytes = 0
+        self._drop_queue()
         self._drained.set()
+
+    async def finished(self, within: float) -> None:
+        """Wait at most ``within`` seconds for the writer (or a slow consumer's cut-off)."""
+        if self._writer is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._writer), within)
 
     async def flush_and_close(self, code: CloseCode, reason: str) -> None:
         self.close(code, reason)
@@ -223,8 +284,9 @@ def _drop_if_unread(transport: asyncio.Transport, sid: str) -> None:
 class Hub:
     """Local registry of sockets and chat channels, fed by the broker."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, budget: SendBudget | None = None) -> None:
         self.broker = broker
+        self.budget = budget or SendBudget(None)
         self.sockets: dict[str, Socket] = {}
         self._members: dict[ChannelKey, set[Socket]] = {}
         # Serializes broker (un)subscriptions so a join and the last leave of
@@ -283,7 +345,9 @@ class Hub:
                     await self.broker.unsubscribe(*key)
                 except BrokerError as err:
                     # Messages for a channel without members are dropped on delivery.
-                    log.warning("broker unsubscribe failed channel=%s error=%s", key[1], err)
+                    log.warning(
+                        "broker unsubscribe failed channel=%s error=%s", clean(key[1]), clean(err)
+                    )
 
     async def publish(self, app_id: str, channel: str, data: str) -> None:
         await self.broker.publish(app_id, channel, data)
@@ -301,6 +365,7 @@ class Hub:
 
 
 def send_to(sockets: Iterable[Socket], tail: str) -> None:
-    """The one place a shared frame becomes per-socket text: splice each sid."""
+    """Queue one shared frame on each socket: one encoded body, each socket's sid in front."""
+    body = Body(tail)
     for s in sockets:
-        s.send(protocol.with_sid(s.id, tail))
+        s.send_shared(body)

@@ -48,6 +48,8 @@ FRAMES_OUT = (
 DB_FRAMES = ("db_created", "db_updated", "db_deleted")
 # The first six characters after '{"sid":"<uuid>","type":"' (offset 54), by frame type.
 _TYPE_AT_54 = {(t + '","')[:6]: t for t in FRAMES_OUT}
+# The same six characters at offset 10 of a shared frame body ('","type":"<type>...').
+_BODY_TYPE_AT_10 = {k.encode(): t for k, t in _TYPE_AT_54.items()}
 # Commit-to-delivery latency buckets, in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _REASON_WORDS = re.compile(r"[a-z][a-z ]*")
@@ -109,6 +111,13 @@ class Counts:
             pieces = text.split('"', 8)
             type_ = pieces[7] if len(pieces) > 7 else "other"
             self.frames_out[type_ if type_ in self.frames_out else "other"] += 1
+
+    def sent_body(self, data: bytes) -> None:
+        """One shared frame body (everything after the sid) written to a socket."""
+        try:
+            self.frames_out[_BODY_TYPE_AT_10[data[10:16]]] += 1
+        except KeyError:
+            self.sent('{"sid":"' + "0" * 36 + data.decode(errors="replace"))
 
     def error(self, message: str) -> None:
         reason = error_reason(message)

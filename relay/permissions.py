@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 DEFAULT_MODE = "740"
 READ = 4
-_SUFFIX = re.compile(r"_([0-7]{3})_$")
+# \Z, not $: "$" also matches before a trailing newline, which PostgreSQL's does not.
+_SUFFIX = re.compile(r"_([0-7]{3})_\Z")
 
 
 @dataclass(frozen=True, slots=True)

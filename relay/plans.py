@@ -35,7 +35,7 @@ CACHE_SECONDS = 5.0
 # cannot grow the cache (or the query rate) without bound.
 CACHE_ENTRIES = 10_000
 MAX_PUBLIC_KEY = 200
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _DB_DOWN = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -258,7 +258,7 @@ def normalize_origin(origin: str) -> str:
 
 
 def _check_name(kind: str, name: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise PlanError(f"not a valid {kind} name: {name!r} (1-64 letters, digits, _ . -)")
     return name
 
@@ -442,16 +442,21 @@ async def delete_app(conn: asyncpg.Connection, name: str, unwatch: bool = False)
         raise PlanError("the default app cannot be deleted")
     async with conn.transaction():
         await get_app(conn, name)
-        tables = await conn.fetch(
-            "SELECT table_oid FROM relay.watched WHERE app = $1 ORDER BY repo FOR UPDATE", name
+        owned = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT 1 FROM relay.watched WHERE app = $1 FOR UPDATE) w",
+            name,
         )
-        if tables and not unwatch:
+        if owned and not unwatch:
             raise PlanError(
-                f"app {name!r} still owns {len(tables)} watched table(s): unwatch them "
+                f"app {name!r} still owns {owned} watched table(s): unwatch them "
                 "(relay repo unwatch ... --app) or pass --unwatch"
             )
-        for t in tables:
-            await conn.execute("SELECT relay.unwatch($1::oid::regclass)", t["table_oid"])
+        await conn.execute(
+            "SELECT relay.unwatch(table_oid) FROM relay.watched WHERE app = $1"
+            " AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = table_oid)",
+            name,
+        )
+        await conn.execute("DELETE FROM relay.watched WHERE app = $1", name)  # dropped tables
         await conn.execute("DELETE FROM relay.apps WHERE id = $1", name)
 
 

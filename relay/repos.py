@@ -36,7 +36,12 @@ def app_table(app: str, name: str) -> str:
     table = quote_table(name)
     if app == DEFAULT_APP or "." in name:
         return table
-    return '"' + app.replace('"', '""') + '".' + table
+    return quote_ident(app) + "." + table
+
+
+def quote_ident(name: str) -> str:
+    """Any name as a quoted SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +77,8 @@ async def create_repo(conn: asyncpg.Connection, name: str, app: str = DEFAULT_AP
     table = app_table(app, name)
     try:
         async with conn.transaction():
-            if table.count('"."') == 1 and app != DEFAULT_APP:
-                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {table.split('.', 1)[0]}")
+            if app != DEFAULT_APP and "." not in name:
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(app)}")
             await conn.execute(repo_table_sql(table))
             repo: str = await conn.fetchval(
                 "SELECT relay.watch($1::regclass, 'id', 'owner_id', 'account_id', $2)", table, app

@@ -13,20 +13,24 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import asyncpg
 from aiohttp import WSMsgType, web
 
 from relay import admin, logs, protocol, sessions
+from relay.admission import Admission
 from relay.auth import TokenRejected, TokenVerifier, load_public_key, new_socket_token, same_token
 from relay.broker import Broker, BrokerError, create_broker
 from relay.config import Settings
 from relay.dbhub import DbHub, Position
 from relay.dbjoin import JoinOptions, join_db
-from relay.hub import Hub, Socket
+from relay.hub import SLOW_CLOSE_SECONDS, Hub, Socket
 from relay.limits import socket_limits
 from relay.listener import Listener
+from relay.logsafe import clean
 from relay.metrics import Counts
+from relay.outbox import SendBudget
 from relay.plans import DELETED, SUSPENDED, App, AppDirectory, AppsUnavailable
 from relay.pool import Database
 from relay.protocol import ClientFrame, CloseCode, InvalidToken, RelayError
@@ -39,7 +43,7 @@ log = logging.getLogger("relay.ws")
 # aiohttp buffers a whole message before handing it over, so this bounds the
 # memory one socket can make the relay hold.
 HARD_FRAME_LIMIT = 4 * 1024 * 1024
-CHANNEL_NAME = re.compile(r"^[A-Za-z0-9_\-.:@/]+$")
+CHANNEL_NAME = re.compile(r"[A-Za-z0-9_\-.:@/]+")  # always fullmatch: "$" admits a newline
 DB_DELAYED = (
     "database unreachable: events on this channel are delayed; they will arrive when it is back"
 )
@@ -49,6 +53,10 @@ DB_DOWN_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 DB_OUTAGE_GRACE = 1.0
 # Pruning a large log may take longer than an ordinary query.
 PRUNE_TIMEOUT = 300.0
+# How often a closing slow consumer's transport is checked for being gone.
+LET_GO_POLL = 0.2
+# The JavaScript client, served at /relay.js (an ES module; see relay.d.ts beside it).
+RELAY_JS = Path(__file__).parent / "static" / "relay.js"
 
 
 @dataclass
@@ -58,6 +66,7 @@ class RelayState:
     verifier: TokenVerifier  # the default app's
     jwt_secret: str | None = None
     hub: Hub = field(init=False)
+    admission: Admission = field(init=False)
     dbhub: DbHub = field(default_factory=DbHub)
     broker: Broker = field(init=False)
     db: Database | None = None
@@ -70,7 +79,16 @@ class RelayState:
 
     def __post_init__(self) -> None:
         self.broker = create_broker(self.settings.broker_url, self._deliver)
-        self.hub = Hub(self.broker)
+        self.hub = Hub(self.broker, SendBudget(self.settings.send_queue_total_bytes))
+        s = self.settings
+        self.admission = Admission(
+            timeout=s.auth_timeout_seconds,
+            preauth_bytes=s.preauth_max_bytes,
+            total=s.max_unauthenticated,
+            per_app=s.max_unauthenticated_per_app,
+            per_address=s.max_unauthenticated_per_address,
+            grace=s.auth_grace_seconds,
+        )
 
     def _deliver(self, app_id: str, channel: str, data: str) -> None:
         self.hub.deliver(app_id, channel, data)
@@ -121,10 +139,14 @@ def create_app(settings: Settings, database_url: str, jwt_secret: str | None) ->
     )
     logs.forbid_secret(jwt_secret)
     logs.forbid_secret(settings.admin_token)
-    app = web.Application()
+    # The HTTP server's own timeout from accepting a connection to a complete
+    # request head (aiohttp's keep-alive timer, which also starts on connect);
+    # handler_args apply to every runner of this app (``relay serve``, tests, benches).
+    app = web.Application(handler_args={"keepalive_timeout": settings.request_head_timeout_seconds})
     app[STATE] = state
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/relay.js", relay_js)
     admin.setup(app, state)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_sockets)
@@ -257,6 +279,19 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+async def relay_js(request: web.Request) -> web.StreamResponse:
+    """The JavaScript client. Module scripts are fetched with CORS, so any origin may load
+    it (it is public code); revalidated on each load, so an upgraded relay serves its own."""
+    return web.FileResponse(
+        RELAY_JS,
+        headers={
+            "Content-Type": "text/javascript; charset=utf-8",
+            "Access-Control-Allow-Origin": "*",
+            "Cache-Control": "no-cache",
+        },
+    )
+
+
 async def websocket(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     assert state.apps is not None
@@ -274,6 +309,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(
         heartbeat=state.settings.heartbeat_seconds or None,
         max_msg_size=HARD_FRAME_LIMIT,
+        compress=False,  # no permessage-deflate: see README, "Limits and plans"
     )
     await ws.prepare(request)
     if unavailable:
@@ -291,9 +327,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         log.info("connection refused app=%s reason=suspended", app.id)
         await _refuse(ws, SUSPENDED)
         return ws
-    if app.max_connections is not None and state.per_app.get(app.id, 0) >= app.max_connections:
-        log.info("connection refused app=%s reason=limit cap=%s", app.id, app.max_connections)
-        await _refuse(ws, f"connection limit reached: this app allows {app.max_connections}")
+    address = request.remote or ""
+    open_now = state.per_app.get(app.id, 0)
+    refusal = state.admission.make_room(app.id, address, app.max_connections, open_now)
+    if refusal is not None:
+        log.info("connection refused app=%s reason=%s", app.id, clean(refusal.text))
+        await _refuse(ws, refusal.text, refusal.code)
         return ws
 
     settings = state.settings
@@ -309,11 +348,13 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             settings.error_budget,
             settings.error_window_seconds,
         ),
+        budget=state.hub.budget,
     )
     socket.counts = state.counts
     logs.bind(socket.id, app.id)
     state.counts.connected(app.id)
     state.per_app[app.id] = state.per_app.get(app.id, 0) + 1
+    state.admission.add(socket, address, request.transport)
     state.hub.add(socket)
     socket.start()
     socket.send(protocol.encode("", "init", socket.id))
@@ -327,22 +368,59 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                     state, socket, RelayError("binary frames are not supported: send JSON text")
                 )
             elif msg.type is WSMsgType.ERROR:
-                log.info("socket error sid=%s error=%s", socket.id, ws.exception())
+                log.info("socket error sid=%s error=%s", socket.id, clean(ws.exception()))
                 break
             if socket.closing:
                 break
     finally:
-        state.per_app[app.id] -= 1
-        sessions.forget(socket)
-        state.dbhub.unsubscribe_all(socket)
+        # The app counts the connection until its transport is gone (at once
+        # after a clean close), not merely until the hub forgets the socket.
+        counted = True
         try:
-            await state.hub.remove(socket)
+            state.admission.discard(socket)
+            sessions.forget(socket)
+            state.dbhub.unsubscribe_all(socket)
+            if _gone(request.transport):
+                state.per_app[app.id] -= 1
+                counted = False
+            try:
+                await state.hub.remove(socket)
+            finally:
+                await socket.flush_and_close(CloseCode.GOING_AWAY, "")
+                await _let_go(socket, request.transport)
         finally:
-            await socket.flush_and_close(CloseCode.GOING_AWAY, "")
+            if counted:
+                state.per_app[app.id] -= 1
         log.info("disconnected sid=%s app=%s code=%s", socket.id, app.id, ws.close_code)
         logs.unbind(socket.id)
         logs.token_retired(socket.token)
     return ws
+
+
+def _gone(transport: asyncio.Transport | None) -> bool:
+    """Closed with nothing left to write: the descriptor goes in this loop turn."""
+    return transport is None or (transport.is_closing() and not transport.get_write_buffer_size())
+
+
+async def _let_go(socket: Socket, transport: asyncio.Transport | None) -> None:
+    """Make sure the connection is gone: abort it if its peer is not reading.
+
+    A graceful close waits for the peer to read what is buffered, so a dead or
+    non-reading peer (a heartbeat timeout, a refused close handshake) would keep
+    its file descriptor and buffers for ever. A slow consumer first gets its
+    SLOW_CLOSE_SECONDS to read its backlog and close frame.
+    """
+    if transport is None:
+        return
+    if socket.close_code is CloseCode.SLOW_CONSUMER:
+        # Reading its backlog closes it; hub._drop_if_unread aborts it otherwise.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SLOW_CLOSE_SECONDS + 1
+        # No event tells that a transport has drained: poll, for this one case.
+        while not _gone(transport) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(LET_GO_POLL)
+    if not transport.is_closing() or transport.get_write_buffer_size():
+        transport.abort()
 
 
 async def _refuse(
@@ -375,7 +453,7 @@ async def _handle(state: RelayState, app: App, socket: Socket, raw: str) -> None
             state.counts.received(None)
         _report(state, socket, err, frame)
     except BrokerError as err:
-        log.warning("broker unavailable sid=%s error=%s", socket.id, err)
+        log.warning("broker unavailable sid=%s error=%s", socket.id, clean(err))
         _report(
             state, socket, RelayError("channels unavailable: try again shortly"), frame, blame=False
         )
@@ -401,7 +479,9 @@ def _report(
     channel = channel[: state.settings.max_channel_name]
     socket.reply("error", err.message, channel=channel)
     state.counts.error(err.message)
-    log.info("client error sid=%s channel=%s error=%s", socket.id, channel, err.message)
+    log.info(
+        "client error sid=%s channel=%s error=%s", socket.id, clean(channel), clean(err.message)
+    )
     spent = blame and socket.limits.budget.spend(time.monotonic())
     if err.close_code is not None or spent:
         code = err.close_code or CloseCode.ABUSE
@@ -443,6 +523,7 @@ async def on_auth(state: RelayState, app: App, socket: Socket, frame: ClientFram
         raise InvalidToken() from None
     previous = socket.identity
     socket.identity = identity
+    state.admission.authenticated(socket)
     logs.token_retired(socket.token)
     socket.token = new_socket_token()
     logs.token_issued(socket.token)
@@ -450,7 +531,7 @@ async def on_auth(state: RelayState, app: App, socket: Socket, frame: ClientFram
         # Re-index db subscriptions under the new identity.
         for name in list(socket.channels):
             if protocol.is_db_channel(name):
-                state.dbhub.subscribe(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
+                state.dbhub.reindex(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
     listener = state.listener
     sessions.arm(
         state.hub, state.dbhub, socket, lambda: listener.position if listener else Position(0)
@@ -471,7 +552,7 @@ def _check_channel_name(state: RelayState, name: str) -> None:
     limit = state.settings.max_channel_name
     if len(name) > limit:
         raise RelayError(f"channel name too long: {len(name)} characters, the limit is {limit}")
-    if not CHANNEL_NAME.match(name):
+    if not CHANNEL_NAME.fullmatch(name):
         raise RelayError("channel name may contain only letters, digits and _ - . : @ /")
 
 

@@ -21,6 +21,7 @@ from relay import protocol
 from relay.auth import Identity
 from relay.dbhub import DbHub, Position
 from relay.hub import Hub, Socket
+from relay.logsafe import clean
 
 log = logging.getLogger("relay.ws")
 
@@ -63,7 +64,9 @@ async def _suspend(
             socket.limits.paused_at[name] = dbhub.delivered(socket, repo, live)
             dbhub.unsubscribe(socket, repo)
     socket.reply("error", SESSION_EXPIRED)
-    log.info("session expired sid=%s user=%s channels=%d", socket.id, ident.user_id, len(names))
+    log.info(
+        "session expired sid=%s user=%s channels=%d", socket.id, clean(ident.user_id), len(names)
+    )
     for name in names:
         if not protocol.is_db_channel(name):
             await hub.leave(socket, name)

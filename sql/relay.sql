@@ -46,8 +46,11 @@
 -- the apps and plans) are created and changed only by relay's numbered
 -- migrations (migrations/), each frozen once released; `relay migrate` runs
 -- them and then applies this file, so every function below is in force at
--- its newest version after every upgrade. To review the SQL before it runs:
--- `alembic -x url=... upgrade head --sql` prints the migrations' statements.
+-- its newest version after every upgrade, in the migrations' transaction.
+-- relay/schema.py describes the tables as the migrations leave them (a test
+-- compares the two). To review the SQL before it runs, read
+-- migrations/versions/ and migrations/sql/ (they run raw SQL, so alembic's
+-- offline --sql mode is refused rather than printing part of it).
 
 -- Record a new tick if anything was committed since the last one; return the
 -- newest tick id either way. Ticks are serialized by an advisory lock so that
@@ -286,7 +289,8 @@ BEGIN
     old_account := CASE WHEN w.account_column IS NULL THEN 'NULL::text'
                         ELSE format('o.%I::text', w.account_column) END;
     -- One generated function per table, with the column names written in,
-    -- so PostgreSQL plans each statement once and keeps the plan.
+    -- so PostgreSQL plans each statement once and keeps the plan. Whole rows
+    -- are n.* / o.*: a bare n would mean a column of that name, if the table has one.
     EXECUTE format($f$
         CREATE OR REPLACE FUNCTION relay.%1$I() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
@@ -327,6 +331,18 @@ BEGIN
     -- Executing the capture function is the trigger's business only.
     EXECUTE format('REVOKE ALL ON FUNCTION relay.%I() FROM PUBLIC', w.capture_function);
     RETURN w.capture_function;
+END;
+$$;
+
+-- Remove relay's four capture triggers from a table (if there).
+CREATE OR REPLACE FUNCTION relay.drop_capture_triggers(tbl regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    op text;
+BEGIN
+    FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'relay_capture_' || op, tbl);
+    END LOOP;
 END;
 $$;
 
@@ -395,9 +411,7 @@ BEGIN
            account_attnum = EXCLUDED.account_attnum;
     PERFORM relay.write_capture(tbl);
 
-    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_insert ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_update ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_delete ON %s', tbl);
+    PERFORM relay.drop_capture_triggers(tbl);
     EXECUTE format('CREATE TRIGGER relay_capture_insert AFTER INSERT ON %s
                     REFERENCING NEW TABLE AS new_rows
                     FOR EACH STATEMENT EXECUTE FUNCTION relay.%I()', tbl, fn);
@@ -407,7 +421,6 @@ BEGIN
     EXECUTE format('CREATE TRIGGER relay_capture_delete AFTER DELETE ON %s
                     REFERENCING OLD TABLE AS old_rows
                     FOR EACH STATEMENT EXECUTE FUNCTION relay.%I()', tbl, fn);
-    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_truncate ON %s', tbl);
     EXECUTE format('CREATE TRIGGER relay_capture_truncate AFTER TRUNCATE ON %s
                     FOR EACH STATEMENT EXECUTE FUNCTION relay.%I()', tbl, fn);
     RETURN tbl_name;
@@ -422,10 +435,7 @@ DECLARE
     fn text;
 BEGIN
     DELETE FROM relay.watched WHERE table_oid = tbl RETURNING capture_function INTO fn;
-    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_insert ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_update ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_delete ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_truncate ON %s', tbl);
+    PERFORM relay.drop_capture_triggers(tbl);
     IF fn IS NOT NULL THEN
         EXECUTE format('DROP FUNCTION IF EXISTS relay.%I()', fn);
     END IF;
@@ -459,10 +469,7 @@ BEGIN
         VALUES (pg_current_xact_id(), w.app, w.repo, 'x');
         IF EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = w.table_oid) THEN
             -- Only a column went: the table stays, relay's triggers go.
-            EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_insert ON %s', w.table_oid);
-            EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_update ON %s', w.table_oid);
-            EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_delete ON %s', w.table_oid);
-            EXECUTE format('DROP TRIGGER IF EXISTS relay_capture_truncate ON %s', w.table_oid);
+            PERFORM relay.drop_capture_triggers(w.table_oid);
         END IF;
         EXECUTE format('DROP FUNCTION IF EXISTS relay.%I()', w.capture_function);
         IF EXISTS (SELECT 1 FROM relay.listeners WHERE sleeping) THEN

@@ -1,6 +1,8 @@
 """Shared fixtures: a real PostgreSQL, a real relay on a free port, real WebSocket clients.
 
-- ``pg_url``: one embedded PostgreSQL for the test session, relay schema migrated.
+- ``pg_url``: one embedded PostgreSQL for the test session; each test module
+  gets a fresh database of its own, copied by pytest-postgresql's janitor
+  from a template migrated once.
 - ``relay``: a factory that starts the relay app in this event loop on a free
   port (``await relay(max_connections=2)``) and returns a :class:`RelayHandle`.
 - ``client``: a factory for :class:`WsClient`, a WebSocket client that reads
@@ -22,11 +24,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
+from pytest_postgresql.janitor import DatabaseJanitor
 
 from relay.auth import mint_token
 from relay.config import Settings
@@ -48,11 +52,40 @@ def pg_server() -> Iterator[EmbeddedPostgres]:
     shutil.rmtree(base, ignore_errors=True)
 
 
+def _janitor(server_url: str, dbname: str, **kw: Any) -> DatabaseJanitor:
+    """pytest-postgresql's janitor for a database on the embedded server (a Unix socket)."""
+    parts = urlsplit(server_url)
+    socket_dir = parse_qs(parts.query)["host"][0]
+    return DatabaseJanitor(
+        user=parts.username or "postgres", host=socket_dir, port=5432, dbname=dbname, **kw
+    )
+
+
+def _url_of(server_url: str, dbname: str) -> str:
+    parts = urlsplit(server_url)
+    return urlunsplit(parts._replace(path="/" + dbname))
+
+
 @pytest.fixture(scope="session")
-def pg_url(pg_server: EmbeddedPostgres) -> str:
+def pg_template(pg_server: EmbeddedPostgres) -> Iterator[str]:
+    """A database migrated once, that every test module's database is copied from."""
     url = pg_server.start()  # already running: returns its URL
-    run_migrations(url)
-    return url
+    janitor = _janitor(url, "relay_template", as_template=True)
+    janitor.init()
+    run_migrations(_url_of(url, "relay_template"))
+    yield "relay_template"
+    janitor.drop()
+
+
+@pytest.fixture(scope="module")
+def pg_url(pg_server: EmbeddedPostgres, pg_template: str) -> Iterator[str]:
+    """A fresh, migrated database for this test module (a copy of the template)."""
+    url = pg_server.start()
+    name = f"relay_{uuid.uuid4().hex[:12]}"
+    janitor = _janitor(url, name, template_dbname=pg_template)
+    janitor.init()
+    yield _url_of(url, name)
+    janitor.drop()
 
 
 def free_port() -> int:

@@ -83,3 +83,20 @@ async def test_column_names_with_dots_and_quotes_are_quoted(relay, client, db) -
     await db.execute(f"DELETE FROM {table} WHERE id = 1")
     await db.execute(f"INSERT INTO {table} VALUES (2, 'alice', 'x', 3)")
     assert json.loads((await c.expect("db_created"))["data"])["id"] == 2  # still flowing
+
+
+async def test_columns_named_like_the_capture_functions_aliases(relay, client, db) -> None:
+    """A column "n" made row_to_json(n) mean that column, not the row: every INSERT failed."""
+    table = f"alias_{secrets.token_hex(4)}_777_"
+    await db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, n int, o int)")
+    await watch(db, table, "id", None, None)
+    r = await relay()
+    c = await client(r)
+    await c.auth(r.token("alice", "acct"))
+    await c.join("db-" + table)
+    await db.execute(f"INSERT INTO {table} VALUES (1, 10, 20)")
+    assert json.loads((await c.expect("db_created"))["data"]) == {"id": 1, "n": 10, "o": 20}
+    await db.execute(f"UPDATE {table} SET n = 11, o = 21 WHERE id = 1")
+    assert json.loads((await c.expect("db_updated"))["data"]) == {"id": 1, "n": 11, "o": 21}
+    await db.execute(f"DELETE FROM {table} WHERE id = 1")
+    assert (await c.expect("db_deleted"))["data"] == '{"id":1}'

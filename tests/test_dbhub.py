@@ -24,8 +24,11 @@ def make_socket(user: str, account: str | None, root: bool = False) -> Socket:
 
 
 def sent(s: Socket) -> list[dict[str, Any]]:
-    frames = [json.loads(t) for t in s._queue]
-    s._queue.clear()
+    """The frames queued for ``s`` (shared bodies with its sid put in front), dequeued."""
+    frames = []
+    while s._queue:
+        item = s._dequeue()
+        frames.append(json.loads(item if isinstance(item, str) else s._prefix + item.data))
     return frames
 
 

@@ -312,3 +312,111 @@ async def _wait_healthy(port: int) -> None:
                 pass
             await asyncio.sleep(0.1)
     raise AssertionError("relay B did not start")
+
+
+# --- everything at once -------------------------------------------------------------------------
+
+
+async def test_randomized_edges_keep_a_view_equal_to_the_table(relay, client, db, repo, pg_url):
+    """Writers insert, update, move and delete rows; now and then a TRUNCATE; the table
+    is renamed midway; the subscriber's session expires every 2 s and is renewed. At
+    the end the client's view (emptied on each 'truncated' notice) equals the query."""
+    import random
+
+    r = await relay()
+    original = await repo("_760_")
+    names = {"table": original}
+    c = await client(r)
+    await c.auth(r.token("u", "1", ttl_seconds=2))
+    await c.join("db-" + original)
+    view = View(c, "db-" + original)
+    renewals = 0
+    truncates = 0
+
+    async def write(conn: asyncpg.Connection, sql: str, *args: object) -> None:
+        for _ in range(100):  # renamed under us: retry once the renamer has said so
+            try:
+                await conn.execute(sql.format(t=names["table"]), *args)
+                return
+            except asyncpg.UndefinedTableError:
+                await asyncio.sleep(0.01)
+        raise AssertionError("the table vanished")
+
+    async def writer(seed: int) -> None:
+        nonlocal truncates
+        rng = random.Random(seed)
+        conn = await asyncpg.connect(pg_url)
+        try:
+            for step in range(150):
+                action = rng.random()
+                owner, account = rng.choice(["u", "x"]), rng.choice(["1", "2"])
+                if action < 0.4:
+                    await write(
+                        conn,
+                        "INSERT INTO {t} (owner_id, account_id) VALUES ($1, $2)",
+                        owner,
+                        account,
+                    )
+                elif action < 0.7:
+                    await write(
+                        conn,
+                        "UPDATE {t} SET account_id = $1, data = jsonb_build_object('s', $2::int)"
+                        " WHERE id = (SELECT id FROM {t} ORDER BY random() LIMIT 1)",
+                        account,
+                        step,
+                    )
+                elif action < 0.97:
+                    await write(conn, "DELETE FROM {t} WHERE id = (SELECT id FROM {t} LIMIT 1)")
+                else:
+                    await write(conn, "TRUNCATE {t}")
+                    truncates += 1
+                if seed == 1 and step == 100:
+                    for _ in range(1000):  # go on writing only once a session was renewed
+                        if renewals:
+                            break
+                        await asyncio.sleep(0.01)
+                if seed == 0 and step == 75:
+                    renamed = f"renamed_{uuid.uuid4().hex[:8]}"
+                    await conn.execute(f"ALTER TABLE {names['table']} RENAME TO {renamed}")
+                    names["table"] = renamed
+                await asyncio.sleep(rng.random() * 0.02)
+        finally:
+            await conn.close()
+
+    async def consume(until: asyncio.Event) -> None:
+        nonlocal renewals
+        while True:
+            try:
+                frame = await c.recv(timeout=0.5)
+            except TimeoutError:
+                if until.is_set():
+                    return
+                continue
+            if frame["type"] == "error" and "session expired" in frame["data"]:
+                await c.send(type="auth", data=r.token("u", "1", ttl_seconds=2))
+                renewals += 1
+            elif frame["type"] == "token":
+                c.token = frame["data"]
+            elif frame["type"] != "joined":
+                view.apply(frame)
+                if frame["type"] == "db_created" and "sentinel" in frame["data"]:
+                    return
+
+    writers_done = asyncio.Event()
+    reader = asyncio.create_task(consume(writers_done))
+    await asyncio.gather(*(writer(s) for s in range(2)))
+    await db.execute(
+        f"INSERT INTO {names['table']} (owner_id, account_id, data)"
+        """ VALUES ('u', '1', '{"sentinel": true}')"""
+    )
+    await asyncio.wait_for(reader, 30)
+    expected = {
+        row["id"]
+        for row in await db.fetch(
+            f"SELECT id::text FROM {names['table']} WHERE owner_id = 'u' OR account_id = '1'"
+        )
+    }
+    assert set(view.rows) == expected
+    assert renewals >= 1  # the session did expire and resume during the run
+    assert truncates >= 1
+    assert [n["reason"] for n in view.notices] == ["truncated"] * truncates  # each told once

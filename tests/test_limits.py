@@ -340,6 +340,7 @@ async def _true(value: bool) -> bool:
 async def test_peer_that_does_not_answer_pings_is_reaped(relay, client):
     r = await relay(heartbeat_seconds=1.0)
     healthy = await client(r)
+    await healthy.auth(r.token("u", "1"))  # or the auth deadline (10 s) would close it
     # A well-behaved client answers pings while it waits in receive(): for
     # the whole test, about ten heartbeats, it hears nothing and stays.
     listening = asyncio.create_task(healthy.silent(10.0))

@@ -17,6 +17,7 @@ import pytest
 
 from relay import plans
 from relay.plans import PlanError
+from tests.conftest import app_token
 
 CLI = [sys.executable, "-m", "relay.cli"]
 
@@ -120,6 +121,8 @@ async def test_a_running_relay_sees_a_raised_cap_within_seconds(relay, client, d
     assert app.public_key is not None
     r = await relay()
     first = await client(r, pk=app.public_key)
+    # Authenticated: an unauthenticated socket would give up its slot to a newcomer.
+    await first.auth(app_token(app, "u", "1"))
     refused = await client(r, pk=app.public_key, init=False)
     assert "connection limit reached" in (await refused.expect("error"))["data"]
 

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from relay.db import read_migration_sql
+from relay.db import read_migration_sql, refuse_downgrade
 
 revision = "0001"
 down_revision = None
@@ -45,6 +45,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_table("apps", schema="relay")
-    op.drop_table("plans", schema="relay")
-    op.execute("DROP SCHEMA relay CASCADE")
+    # Until December this dropped schema relay, with the event log, every capture
+    # function (so the triggers on watched tables) and alembic's version table.
+    # Changed to refuse: a landed migration's upgrade never changes, but making a
+    # downgrade refuse can only prevent data loss.
+    refuse_downgrade()

@@ -21,6 +21,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from relay.db import LOCK_WATCHED_TABLES, refuse_downgrade
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
@@ -28,6 +30,7 @@ depends_on = None
 
 
 def upgrade() -> None:
+    op.execute(LOCK_WATCHED_TABLES)
     op.add_column("apps", sa.Column("jwt_secret", sa.Text), schema="relay")
     op.add_column("apps", sa.Column("jwt_public_key", sa.Text), schema="relay")
     op.add_column("apps", sa.Column("jwks_url", sa.Text), schema="relay")
@@ -67,4 +70,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    raise NotImplementedError("relay's migrations go forward only: restore a backup instead")
+    refuse_downgrade()

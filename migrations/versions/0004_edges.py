@@ -12,8 +12,8 @@
 - Every table watched before this migration gets its TRUNCATE trigger (new
   tables get it from relay.watch()).
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 """
 
 from __future__ import annotations
@@ -21,13 +21,16 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+from relay.db import LOCK_WATCHED_TABLES, refuse_downgrade
+
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
+    op.execute(LOCK_WATCHED_TABLES)
     op.drop_constraint("events_op_check", "events", schema="relay")
     op.create_check_constraint(
         "events_op_check", "events", "op IN ('c', 'u', 'd', 't', 'x')", schema="relay"
@@ -71,4 +74,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    raise NotImplementedError("relay's migrations go forward only: restore a backup instead")
+    refuse_downgrade()
