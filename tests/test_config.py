@@ -51,6 +51,9 @@ CASES: dict[str, tuple[str, str, Any]] = {
     "RELAY_MAX_UNAUTHENTICATED_PER_ADDRESS": ("5", "max_unauthenticated_per_address", 5),
     "RELAY_REQUEST_HEAD_TIMEOUT_SECONDS": ("4", "request_head_timeout_seconds", 4.0),
     "RELAY_SEND_QUEUE_TOTAL_BYTES": ("1048576", "send_queue_total_bytes", 1048576),
+    "RELAY_ADMIN_TOKEN": ("a" * 32, "admin_token", "a" * 32),
+    "RELAY_LOG_FORMAT": ("json", "log_format", "json"),
+    "RELAY_DEV_TOKENS": ("1", "dev_tokens", True),
 }
 
 # The defaults the README states, for the same attributes.
@@ -87,6 +90,9 @@ DEFAULTS: dict[str, Any] = {
     "max_unauthenticated_per_address": 256,
     "request_head_timeout_seconds": 10.0,
     "send_queue_total_bytes": 256 * 1024 * 1024,
+    "admin_token": None,
+    "log_format": "text",
+    "dev_tokens": False,
 }
 
 

@@ -31,16 +31,19 @@ DBEVENTS="tests/test_db_events.py::test_contract_example_tasks_760 tests/test_db
 LISTEN="tests/test_db_events.py tests/test_durability.py::test_listener_terminated_mid_stream_loses_nothing tests/test_durability.py::test_resume_while_writers_keep_writing_has_no_gap_or_duplicate tests/test_durability.py::test_resume_across_a_gap_in_tick_ids tests/test_durability.py::test_events_carry_positions_and_joined_gives_one"
 # dbhub.py: the permission filter (indexes, readers, audiences) and the replay
 # path (positions, held frames, replay_chunk, release_some), not its constants.
-DBHUB_SCOPE="Held.hold Held.pop Event.pos Event.deleted_data Position RepoSubscribers.add RepoSubscribers.remove RepoSubscribers.readers DbHub audiences audience_of"
+DBHUB_SCOPE="Held.hold Held.pop Held.drop_visible Snapshot Event.pos Event.deleted_data Position RepoSubscribers.add RepoSubscribers.remove RepoSubscribers.readers RepoSubscribers.members DbHub audiences audience_of _already_seen _view_frames"
+VIEWS="tests/test_views.py tests/test_filters.py"
 declare -A PLAN=(
   [permissions]="relay/permissions.py|tests/test_permissions.py tests/test_dbhub.py $FILTER"
-  [dbhub]="relay/dbhub.py|tests/test_dbhub.py tests/test_permissions.py $FILTER $RESUME $DBEVENTS|$DBHUB_SCOPE"
-  [dbjoin]="relay/dbjoin.py|$RESUME $FILTER $DBEVENTS tests/test_expiry.py::test_session_expiring_during_a_db_join_is_not_subscribed"
+  [dbhub]="relay/dbhub.py|tests/test_dbhub.py tests/test_permissions.py $FILTER $RESUME $DBEVENTS tests/test_dbjoin.py $VIEWS|$DBHUB_SCOPE"
+  [dbjoin]="relay/dbjoin.py|tests/test_dbjoin.py $RESUME $FILTER $DBEVENTS $VIEWS tests/test_expiry.py::test_session_expiring_during_a_db_join_is_not_subscribed"
+  [views]="relay/views.py|tests/test_dbhub.py $VIEWS"
+  [filters]="relay/filters.py|tests/test_filters.py"
   [listener]="relay/listener.py|$LISTEN"
   [hub]="relay/hub.py|tests/test_contract.py tests/test_limits.py tests/test_broker.py tests/test_expiry.py"
   [broker]="relay/broker|tests/test_broker.py"
 )
-ORDER=(permissions dbhub dbjoin listener hub broker)
+ORDER=(permissions filters views dbhub dbjoin listener hub broker)
 
 report() {
   for name in "${ORDER[@]}"; do

@@ -23,3 +23,6 @@ class MemoryBroker:
 
     async def unsubscribe(self, app_id: str, channel: str) -> None:
         return None
+
+    async def ping(self) -> bool:
+        return True

@@ -32,6 +32,9 @@ def _unavailable_as_broker_error() -> Iterator[None]:
         raise BrokerError(f"redis: {type(err).__name__}") from err
 
 
+PING_TIMEOUT = 2.0
+
+
 class RedisBroker:
     def __init__(self, url: str, deliver: DeliverFn) -> None:
         self._url = url
@@ -75,6 +78,15 @@ class RedisBroker:
     async def unsubscribe(self, app_id: str, channel: str) -> None:
         with _unavailable_as_broker_error():
             await self._pubsub.unsubscribe(self._key(app_id, channel))
+
+    async def ping(self) -> bool:
+        if self._redis is None:
+            return False
+        try:
+            await asyncio.wait_for(self._redis.ping(), PING_TIMEOUT)
+        except Exception:  # unreachable, timed out, or any redis error: not up
+            return False
+        return True
 
     async def _read_loop(self) -> None:
         while True:
