@@ -20,7 +20,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
 
 from relay import protocol
 from relay.auth import Identity
@@ -28,7 +29,7 @@ from relay.broker.base import BrokerError
 from relay.limits import ERROR_BUDGET, ERROR_WINDOW, ErrorBudget, SocketLimits
 from relay.logsafe import clean
 from relay.metrics import Counts
-from relay.outbox import Body, SendBudget
+from relay.outbox import WRITE_CHUNK, Body, SendBudget, frame_header
 from relay.protocol import CloseCode
 
 if TYPE_CHECKING:
@@ -43,7 +44,15 @@ SLOW_CLOSE_SECONDS = 10.0
 
 
 class Socket:
-    """One client connection: its identity, its channels and its send queue."""
+    """One client connection: its identity, its channels and its send queue.
+
+    Frames are written by the loop turn, not one by one: queueing a frame marks
+    the socket in the :class:`~relay.outbox.Flusher`, which at the end of the
+    turn writes everything each marked socket holds in as few transport writes
+    as it can (still one JSON object per WebSocket frame). Only a socket whose
+    peer does not keep up gets a task of its own, waiting for its transport to
+    drain.
+    """
 
     # Where frames written and closes are counted (the relay sets its own).
     counts: Counts = Counts()
@@ -57,6 +66,7 @@ class Socket:
         transport: asyncio.Transport | None = None,
         limits: SocketLimits | None = None,
         budget: SendBudget | None = None,
+        transport_protocol: BaseProtocol | None = None,
     ) -> None:
         self.id = str(uuid.uuid4())
         self.app_id = app_id
@@ -75,13 +85,23 @@ class Socket:
         self._prefix = protocol.with_sid(self.id, "").encode()
         self._budget = budget or SendBudget(None)
         self._transport = transport
-        self._wake = asyncio.Event()
-        self._drained = asyncio.Event()
+        # aiohttp's protocol of the connection: it knows when the transport has drained.
+        self._protocol = transport_protocol
+        self._started = False
+        self._marked = False  # waiting in the flusher for the end of the loop turn
+        self._room: asyncio.Event | None = None  # made by the first wait_writable
         self._closing: CloseCode | None = None
+        self._close_reason = ""
+        # Writes what the transport would not take yet, then closes, if asked to.
         self._writer: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._writer = asyncio.create_task(self._write_loop(), name=f"writer-{self.id}")
+        """Begin writing (frames queued before this wait for it)."""
+        if self._transport is None or self._protocol is None:
+            raise RuntimeError("a socket needs its transport and protocol to write")
+        self._started = True
+        if self._queue:
+            self._mark()
 
     def send(self, text: str) -> None:
         """Queue one encoded frame; never blocks. Overflow closes the socket."""
@@ -120,7 +140,12 @@ class Socket:
         self._queue.append(item)
         self._queued_bytes += size
         self._budget.holders.add(self)
-        self._wake.set()
+        if not self._marked and self._writer is None and self._started:
+            self._mark()
+
+    def _mark(self) -> None:
+        self._marked = True
+        self._budget.flusher.add(self)
 
     def _dequeue(self) -> str | Body:
         item = self._queue.popleft()
@@ -139,6 +164,66 @@ class Socket:
     def _drop_queue(self) -> None:
         while self._queue:
             self._dequeue()
+
+    def flush(self) -> None:
+        """Write what is queued (called by the flusher at the end of a loop turn)."""
+        self._marked = False
+        if self._writer is not None or not self._queue:
+            return
+        try:
+            if self._write_some():
+                return
+        except RuntimeError:  # the transport was shut for writing
+            self._lost()
+            return
+        # The peer is behind: wait for its transport to drain, in a task of its own.
+        self._writer = asyncio.create_task(self._write_rest(), name=f"writer-{self.id}")
+
+    def _write_some(self) -> bool:
+        """Write queued frames while the transport takes them; True once the queue is empty."""
+        transport, proto, queue = self._transport, self._protocol, self._queue
+        assert transport is not None and proto is not None
+        if transport.is_closing():
+            self._lost()
+            return True
+        prefix = self._prefix
+        plen = len(prefix)
+        sent, sent_body = self.counts.sent, self.counts.sent_body
+        while queue and not proto._paused:
+            parts: list[bytes] = []
+            size = 0
+            while queue and size < WRITE_CHUNK:
+                item = self._dequeue()
+                if isinstance(item, str):
+                    data = item.encode()
+                    parts += (frame_header(len(data)), data)
+                    size += len(data)
+                    sent(item)
+                else:
+                    parts += (item.header(plen), prefix, item.data)
+                    size += plen + len(item.data)
+                    sent_body(item.data)
+            transport.write(b"".join(parts))
+        if self._room is not None and self.has_room:
+            self._room.set()
+        return not queue
+
+    async def _write_rest(self) -> None:
+        """Write the rest as the peer reads it, then close if the socket is closing."""
+        proto = self._protocol
+        assert proto is not None
+        try:
+            while not self._write_some():
+                await proto._drain_helper()
+            if self._closing is not None:
+                await self.ws.close(code=self._closing, message=self._close_reason.encode())
+        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+            # The peer went away or we are shutting down: nothing left to write to.
+            self._lost()
+        finally:
+            self._writer = None
+            if self._queue and self._closing is None:
+                self._mark()
 
     @property
     def queued_bytes(self) -> int:
@@ -170,9 +255,11 @@ class Socket:
         ``stall_seconds`` is closed as a slow consumer (False as well).
         """
         while not self.has_room and self._closing is None:
-            self._drained.clear()
+            if self._room is None:
+                self._room = asyncio.Event()
+            self._room.clear()
             try:
-                await asyncio.wait_for(self._drained.wait(), stall_seconds)
+                await asyncio.wait_for(self._room.wait(), stall_seconds)
             except TimeoutError:
                 log.warning(
                     "slow consumer closed sid=%s reason=stalled seconds=%s queued=%d",
@@ -189,13 +276,15 @@ class Socket:
             return
         self.counts.closed(code)
         self._closing = code
-        self._drained.set()
         self._close_reason = reason
+        if self._room is not None:
+            self._room.set()
         if code is CloseCode.SLOW_CONSUMER:
             self._drop_queue()
             self._cut_off()
             return
-        self._wake.set()
+        if self._started and self._writer is None:
+            self._writer = asyncio.create_task(self._write_rest(), name=f"closer-{self.id}")
 
     def _cut_off(self) -> None:
         """Close a slow consumer now, even if the writer waits for it to read.
@@ -229,38 +318,14 @@ class Socket:
     def close_code(self) -> CloseCode | None:
         return self._closing
 
-    async def _write_loop(self) -> None:
-        ws = self.ws
-        sent, sent_body = self.counts.sent, self.counts.sent_body
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while self._queue:
-                    item = self._dequeue()
-                    if isinstance(item, str):
-                        await ws.send_str(item)
-                        sent(item)
-                    else:
-                        await ws.send_frame(self._prefix + item.data, WSMsgType.TEXT)
-                        sent_body(item.data)
-                self._drained.set()
-                if self._closing is not None:
-                    await ws.close(code=self._closing, message=self._close_reason.encode())
-                    return
-        except (ConnectionError, RuntimeError, asyncio.CancelledError):
-            # The peer went away or we are shutting down: nothing left to write to.
-            self._lost()
-        finally:
-            self._drop_queue()
-
     def _lost(self) -> None:
         """The connection is gone: drop what is queued and end every wait on this socket."""
         if self._closing is None:
             self._closing = CloseCode.GOING_AWAY
             self._close_reason = "connection lost"
         self._drop_queue()
-        self._drained.set()
+        if self._room is not None:
+            self._room.set()
 
     async def finished(self, within: float) -> None:
         """Wait at most ``within`` seconds for the writer (or a slow consumer's cut-off)."""

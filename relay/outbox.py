@@ -15,7 +15,9 @@ the sum over the budget, the sockets with the biggest queues are cut first
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import struct
 from typing import TYPE_CHECKING
 
 from relay.protocol import CloseCode
@@ -31,11 +33,24 @@ OVER_BUDGET = "slow consumer: the server's send buffers are full"
 class Body:
     """One encoded frame tail (see :func:`relay.protocol.encode_tail`), shared by sockets."""
 
-    __slots__ = ("data", "refs")
+    __slots__ = ("_header", "_header_for", "data", "refs")
 
     def __init__(self, tail: str) -> None:
         self.data = tail.encode()
         self.refs = 0  # how many socket queues hold it
+        self._header = b""
+        self._header_for = -1
+
+    def header(self, prefix_length: int) -> bytes:
+        """The WebSocket frame header for this body behind a prefix of that length.
+
+        Every socket's prefix has the same length (its sid is a UUID), so the
+        header is computed once per body.
+        """
+        if prefix_length != self._header_for:
+            self._header = frame_header(prefix_length + len(self.data))
+            self._header_for = prefix_length
+        return self._header
 
 
 class SendBudget:
@@ -46,6 +61,7 @@ class SendBudget:
         self.total = 0
         # Sockets with a non-empty queue: the candidates when the budget is exceeded.
         self.holders: set[Socket] = set()
+        self.flusher = Flusher()
 
     def make_room(self, extra: int) -> None:
         """Cut the biggest queues until ``extra`` more bytes fit within the limit."""
@@ -63,3 +79,42 @@ class SendBudget:
                 limit,
             )
             victim.close(CloseCode.SLOW_CONSUMER, OVER_BUDGET)
+
+
+# Bytes of frames joined into one transport write.
+WRITE_CHUNK = 64 * 1024
+_SMALL_HEADERS = [bytes((0x81, n)) for n in range(126)]
+
+
+def frame_header(length: int) -> bytes:
+    """The header of an unmasked, final WebSocket text frame of ``length`` bytes."""
+    if length < 126:
+        return _SMALL_HEADERS[length]
+    if length < 65536:
+        return struct.pack("!BBH", 0x81, 126, length)
+    return struct.pack("!BBQ", 0x81, 127, length)
+
+
+class Flusher:
+    """Sockets with frames queued in this loop turn, written together at its end.
+
+    A fan-out only appends to queues; each socket is written once per turn,
+    however many frames it got, so a burst of messages costs one transport
+    write per socket rather than one per frame.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[Socket] = []
+        self._scheduled = False
+
+    def add(self, socket: Socket) -> None:
+        self._pending.append(socket)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, []
+        for socket in pending:
+            socket.flush()

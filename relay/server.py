@@ -342,6 +342,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         settings.send_queue_frames,
         queue_bytes=settings.send_queue_bytes,
         transport=request.transport,
+        transport_protocol=request.protocol,
         limits=socket_limits(
             app.messages_per_second or settings.messages_per_second,
             settings.message_burst_seconds,
