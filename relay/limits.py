@@ -60,10 +60,12 @@ class ErrorBudget:
     def __init__(self, limit: int, window: float) -> None:
         self.limit = limit
         self.window = window
-        self._times: deque[float] = deque()
+        self._times: deque[float] | None = None  # made by the first error
 
     def spend(self, now: float) -> bool:
         """Record one error; True when this one goes over the budget."""
+        if self._times is None:
+            self._times = deque()
         times = self._times
         times.append(now)
         while times and now - times[0] >= self.window:
@@ -73,6 +75,8 @@ class ErrorBudget:
 
 class SocketLimits:
     """Everything the relay meters on one socket."""
+
+    __slots__ = ("_timer", "budget", "expiring", "paused_at", "rate", "suspended")
 
     def __init__(self, rate: RateLimit | None, budget: ErrorBudget) -> None:
         self.rate = rate
@@ -90,14 +94,16 @@ class SocketLimits:
         if self.rate is not None and not self.rate.take(time.monotonic()):
             raise RateLimited(self.rate.rate)
 
-    def arm_expiry(self, expires_at: float | None, on_expiry: Callable[[], None]) -> None:
-        """Call ``on_expiry`` once when the wall-clock time ``expires_at`` passes."""
+    def arm_expiry(
+        self, expires_at: float | None, on_expiry: Callable[..., None], *args: Any
+    ) -> None:
+        """Call ``on_expiry(*args)`` once when the wall-clock time ``expires_at`` passes."""
         self.disarm()
         if expires_at is None:
             return
         loop = asyncio.get_running_loop()
         delay = max(0.0, expires_at - time.time())
-        self._timer = loop.call_at(loop.time() + delay, on_expiry)
+        self._timer = loop.call_at(loop.time() + delay, on_expiry, *args)
 
     def disarm(self) -> None:
         if self._timer is not None:

@@ -90,6 +90,10 @@ class RelayState:
             grace=s.auth_grace_seconds,
         )
 
+    def listener_position(self) -> Position:
+        """What a live db- subscription has received so far."""
+        return self.listener.position if self.listener is not None else Position(0)
+
     def _deliver(self, app_id: str, channel: str, data: str) -> None:
         self.hub.deliver(app_id, channel, data)
 
@@ -533,10 +537,7 @@ async def on_auth(state: RelayState, app: App, socket: Socket, frame: ClientFram
         for name in list(socket.channels):
             if protocol.is_db_channel(name):
                 state.dbhub.reindex(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
-    listener = state.listener
-    sessions.arm(
-        state.hub, state.dbhub, socket, lambda: listener.position if listener else Position(0)
-    )
+    sessions.arm(state.hub, state.dbhub, socket, state.listener_position)
     chat, paused = await sessions.resume(state.hub, socket)
     socket.reply("token", socket.token)
     for name in chat:  # channels paused when the previous session expired

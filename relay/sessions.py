@@ -41,12 +41,16 @@ def arm(hub: Hub, dbhub: DbHub, socket: Socket, position: Callable[[], Position]
         limits.disarm()
         return
 
-    def expired() -> None:
-        limits.expiring = asyncio.create_task(
-            _suspend(hub, dbhub, socket, ident, position), name=f"expire-{socket.id}"
-        )
+    # A plain function and its arguments, not a closure: one per idle socket adds up.
+    limits.arm_expiry(ident.expires_at, _expired, hub, dbhub, socket, ident, position)
 
-    limits.arm_expiry(ident.expires_at, expired)
+
+def _expired(
+    hub: Hub, dbhub: DbHub, socket: Socket, ident: Identity, position: Callable[[], Position]
+) -> None:
+    socket.limits.expiring = asyncio.create_task(
+        _suspend(hub, dbhub, socket, ident, position), name=f"expire-{socket.id}"
+    )
 
 
 async def _suspend(
