@@ -188,6 +188,8 @@ class Socket:
             item.refs -= 1
             if not item.refs:
                 self._budget.total -= len(item.data)
+                if item.written:
+                    self.counts.sent_body(item.data, item.written)
         if not self._queue:
             self._budget.holders.discard(self)
 
@@ -219,28 +221,38 @@ class Socket:
             return True
         prefix = self._prefix
         plen = len(prefix)
-        sent, sent_body = self.counts.sent, self.counts.sent_body
+        counts, budget = self.counts, self._budget
         while queue and not proto._paused:
             parts: list[bytes] = []
-            size = taken = 0
+            size = taken = freed = unqueued = 0
+            # The accounting of _account_out, inlined: this loop runs once per frame written.
             for item in queue:
                 taken += 1
-                if isinstance(item, str):
+                if type(item) is str:
                     data = item.encode()
                     parts += (frame_header(len(data)), data)
                     size += len(data)
-                    sent(item)
+                    freed += len(item)
+                    unqueued += len(item)
+                    counts.sent(item)
                 else:
+                    assert isinstance(item, Body)
                     parts += (item.header(plen), prefix, item.data)
                     size += plen + len(item.data)
-                    sent_body(item.data)
+                    unqueued += plen + len(item.data)
+                    item.written += 1
+                    item.refs -= 1
+                    if not item.refs:
+                        freed += len(item.data)
+                        counts.sent_body(item.data, item.written)
                 if size >= WRITE_CHUNK:
                     break
-            written = queue[:taken]
             del queue[:taken]
-            for item in written:
-                self._account_out(item)
+            self._queued_bytes -= unqueued
+            budget.total -= freed
             transport.write(b"".join(parts))
+        if not queue:
+            budget.holders.discard(self)
         if self._room is not None and self.has_room:
             self._room.set()
         return not queue

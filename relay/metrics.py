@@ -112,12 +112,13 @@ class Counts:
             type_ = pieces[7] if len(pieces) > 7 else "other"
             self.frames_out[type_ if type_ in self.frames_out else "other"] += 1
 
-    def sent_body(self, data: bytes) -> None:
-        """One shared frame body (everything after the sid) written to a socket."""
+    def sent_body(self, data: bytes, sockets: int = 1) -> None:
+        """One shared frame body (everything after the sid) written to ``sockets`` sockets."""
         try:
-            self.frames_out[_BODY_TYPE_AT_10[data[10:16]]] += 1
+            self.frames_out[_BODY_TYPE_AT_10[data[10:16]]] += sockets
         except KeyError:
-            self.sent('{"sid":"' + "0" * 36 + data.decode(errors="replace"))
+            for _ in range(sockets):
+                self.sent('{"sid":"' + "0" * 36 + data.decode(errors="replace"))
 
     def error(self, message: str) -> None:
         reason = error_reason(message)

@@ -33,11 +33,12 @@ OVER_BUDGET = "slow consumer: the server's send buffers are full"
 class Body:
     """One encoded frame tail (see :func:`relay.protocol.encode_tail`), shared by sockets."""
 
-    __slots__ = ("_header", "_header_for", "data", "refs")
+    __slots__ = ("_header", "_header_for", "data", "refs", "written")
 
     def __init__(self, tail: str) -> None:
         self.data = tail.encode()
         self.refs = 0  # how many socket queues hold it
+        self.written = 0  # to how many sockets it was written (counted when the last lets go)
         self._header = b""
         self._header_for = -1
 
