@@ -28,10 +28,16 @@ OUT=$ROOT/.mutation
 FILTER="tests/test_db_events.py::test_permission_suffixes tests/test_db_events.py::test_updates_and_deletes_reach_old_and_new_readers_live_and_on_resume"
 RESUME="tests/test_durability.py::test_resume_gets_exactly_what_was_missed tests/test_durability.py::test_late_committer_is_not_skipped_on_resume tests/test_durability.py::test_resume_from_pruned_position_says_reload tests/test_durability.py::test_malformed_position_is_refused tests/test_durability.py::test_prune_by_size_keeps_the_newest_events tests/test_durability.py::test_resume_big_backlog_while_writes_continue tests/test_durability.py::test_resume_across_a_gap_in_tick_ids tests/test_durability.py::test_resume_on_another_relay_with_a_position_from_the_first tests/test_durability.py::test_the_oldest_kept_tick_is_a_valid_position_and_nothing_before_it"
 DBEVENTS="tests/test_db_events.py::test_contract_example_tasks_760 tests/test_db_events.py::test_update_and_delete_frames tests/test_db_events.py::test_delete_reaches_exactly_the_old_readers tests/test_db_events.py::test_update_moving_account tests/test_db_events.py::test_reauth_as_another_user_follows_the_new_identity tests/test_db_events.py::test_root_token_receives_every_event tests/test_db_events.py::test_unwatched_table_is_refused_and_a_new_watch_is_joinable_at_once"
-LISTEN="tests/test_db_events.py tests/test_durability.py::test_listener_terminated_mid_stream_loses_nothing tests/test_durability.py::test_resume_while_writers_keep_writing_has_no_gap_or_duplicate tests/test_durability.py::test_resume_across_a_gap_in_tick_ids tests/test_durability.py::test_events_carry_positions_and_joined_gives_one"
+# listener.py: the tests of what the listener itself does (wake-ups, reconnects,
+# big ticks through the cursor, positions), not every permission case.
+E=tests/test_db_events.py
+LISTEN="$E::test_contract_example_tasks_760 $E::test_update_and_delete_frames $E::test_update_moving_account $E::test_a_sleeping_listener_is_woken_by_the_writer $E::test_listener_connection_lost_in_the_middle_of_a_large_tick $E::test_rollback_produces_no_event $E::test_thousand_rows_in_one_transaction_arrive_in_order $E::test_row_written_right_after_joined_arrives $E::test_listener_survives_terminated_connection $E::test_one_statement_of_2500_rows_arrives_whole_and_in_order tests/test_durability.py::test_listener_terminated_mid_stream_loses_nothing tests/test_durability.py::test_resume_while_writers_keep_writing_has_no_gap_or_duplicate tests/test_durability.py::test_resume_across_a_gap_in_tick_ids tests/test_durability.py::test_events_carry_positions_and_joined_gives_one"
 # dbhub.py: the permission filter (indexes, readers, audiences) and the replay
 # path (positions, held frames, replay_chunk, release_some), not its constants.
 DBHUB_SCOPE="Held.hold Held.pop Held.drop_visible Snapshot Event.pos Event.deleted_data Position RepoSubscribers.add RepoSubscribers.remove RepoSubscribers.readers RepoSubscribers.members DbHub audiences audience_of _already_seen _view_frames"
+# listener.py: the loop (reconnects, the sleep handshake, draining, dispatch), not
+# its constants, defaults and start/stop.
+LISTENER_SCOPE="event_from_record Listener._run Listener._follow Listener._sleep Listener._drain Listener._dispatch"
 VIEWS="tests/test_views.py tests/test_filters.py"
 declare -A PLAN=(
   [permissions]="relay/permissions.py|tests/test_permissions.py tests/test_dbhub.py $FILTER"
@@ -39,7 +45,7 @@ declare -A PLAN=(
   [dbjoin]="relay/dbjoin.py|tests/test_dbjoin.py $RESUME $FILTER $DBEVENTS $VIEWS tests/test_expiry.py::test_session_expiring_during_a_db_join_is_not_subscribed"
   [views]="relay/views.py|tests/test_dbhub.py $VIEWS"
   [filters]="relay/filters.py|tests/test_filters.py"
-  [listener]="relay/listener.py|$LISTEN"
+  [listener]="relay/listener.py|$LISTEN|$LISTENER_SCOPE"
   [hub]="relay/hub.py|tests/test_contract.py tests/test_limits.py tests/test_broker.py tests/test_expiry.py"
   [broker]="relay/broker|tests/test_broker.py"
 )
