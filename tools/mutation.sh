@@ -39,10 +39,16 @@ DBHUB_SCOPE="Held.hold Held.pop Held.drop_visible Snapshot Event.pos Event.delet
 # its constants, defaults and start/stop.
 LISTENER_SCOPE="event_from_record Listener._run Listener._follow Listener._sleep Listener._drain Listener._dispatch"
 VIEWS="tests/test_views.py tests/test_filters.py"
+# dbjoin.py: the resume path (join_db, the position check, the paged replay);
+# the snapshot and filter parts (_snapshot, _view) are the views' tests' own.
+# Its runner puts the quick functional tests first and the heavy replays last.
+DBJOIN_SCOPE="JoinOptions join_db _check_position _replay"
+V=tests/test_views.py
+DBJOIN_TESTS="$E::test_unwatched_table_is_refused_and_a_new_watch_is_joinable_at_once $E::test_contract_example_tasks_760 $RESUME $V::test_a_filtered_resume_replays_through_the_filter $V::test_invalid_join_options_get_a_readable_error $V::test_snapshot_then_stream tests/test_expiry.py::test_session_expiring_during_a_db_join_is_not_subscribed tests/test_dbjoin.py"
 declare -A PLAN=(
   [permissions]="relay/permissions.py|tests/test_permissions.py tests/test_dbhub.py $FILTER"
   [dbhub]="relay/dbhub.py|tests/test_dbhub.py tests/test_permissions.py $FILTER $RESUME $DBEVENTS tests/test_dbjoin.py $VIEWS|$DBHUB_SCOPE"
-  [dbjoin]="relay/dbjoin.py|tests/test_dbjoin.py $RESUME $FILTER $DBEVENTS $VIEWS tests/test_expiry.py::test_session_expiring_during_a_db_join_is_not_subscribed"
+  [dbjoin]="relay/dbjoin.py|$DBJOIN_TESTS|$DBJOIN_SCOPE"
   [views]="relay/views.py|tests/test_dbhub.py $VIEWS"
   [filters]="relay/filters.py|tests/test_filters.py"
   [listener]="relay/listener.py|$LISTEN|$LISTENER_SCOPE"
