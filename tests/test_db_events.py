@@ -11,10 +11,14 @@ import json
 import uuid
 from typing import Any
 
+import aiohttp
+import asyncpg
 import pytest
 
-from tests.conftest import RepoFactory, WsClient
-from tests.helpers import collect, ids_of, insert, listener_sleeping
+from relay.server import DB_DELAYED
+from tests.conftest import RepoFactory, WsClient, _url_of
+from tests.helpers import collect, eventually, ids_of, insert, listener_sleeping
+from tests.test_metrics import scrape, value
 
 # The contract's example: A and B in account 1, C alone in account 2.
 USERS = {"A": "1", "B": "1", "C": "2"}
@@ -448,6 +452,65 @@ async def test_listener_survives_terminated_connection(relay, client, db, repo: 
         after.append(await insert(db, name, "A", "1"))
     got = [json.loads((await c.expect("db_created", timeout=15))["data"])["id"] for _ in range(6)]
     assert got == [during, *after]
+    await c.silent()
+
+
+async def test_a_sleeping_listener_whose_connection_dies_reconnects_at_once(
+    relay, client, db, repo
+):
+    """With the safety poll an hour away, a listener asleep when its connection is
+    killed does not wait for it: it reconnects, and a row written meanwhile arrives."""
+    r = await relay(poll_seconds=3600)
+    name = await repo("_744_")
+    c = await client(r)
+    await c.auth(r.token("A", "1"))
+    await c.join(f"db-{name}")
+    await listener_sleeping(db)
+    before = await listener_pid(db)
+    assert await db.fetchval("SELECT pg_terminate_backend($1)", before)
+    row_id = await insert(db, name, "A", "1")
+    frame = await c.expect("db_created", timeout=20)
+    assert json.loads(frame["data"])["id"] == row_id
+    assert await listener_pid(db) not in (None, before)
+
+
+async def test_a_listener_locked_out_says_so_then_delivers_and_counts_what_it_missed(
+    relay, client, db, pg_url, repo
+):
+    """The listener's connection is killed and the database refuses new ones: the
+    subscriber is told its events are delayed, /readyz says why; once the database
+    lets it back in, the rows written meanwhile arrive, each counted once in /metrics."""
+    r = await relay()
+    name = await repo("_744_")
+    c = await client(r)
+    await c.auth(r.token("A", "1"))
+    await c.join(f"db-{name}")
+    first = await insert(db, name, "A", "1")
+    assert ids_of([await c.expect("db_created")]) == [("db_created", first)]
+    ingested = value(await scrape(r), "relay_db_events_ingested_total")
+    database = await db.fetchval("SELECT current_database()")
+    admin = await asyncpg.connect(_url_of(pg_url, "postgres"))  # not the current database
+    await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+    try:
+        assert await db.fetchval("SELECT pg_terminate_backend($1)", await listener_pid(db))
+        missed = [await insert(db, name, "A", "1", n) for n in range(3)]
+        delayed = await c.expect("error", timeout=15)
+        assert (delayed["data"], delayed["channel"]) == (DB_DELAYED, f"db-{name}")
+
+        async def not_ready() -> Any:
+            async with aiohttp.ClientSession() as http, http.get(r.http_url + "/readyz") as resp:
+                return (
+                    resp.status == 503
+                    and "listener not connected" in (await resp.json())["problems"]
+                )
+
+        await eventually(not_ready, what="/readyz: listener not connected")
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await admin.close()
+    frames = await collect(c, 3, timeout=20)
+    assert ids_of(frames) == [("db_created", row_id) for row_id in missed]
+    assert value(await scrape(r), "relay_db_events_ingested_total") == ingested + 3
     await c.silent()
 
 
