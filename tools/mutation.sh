@@ -85,7 +85,8 @@ n: dict[str, int] = {}
 for status, line in db.execute(
     "SELECT m.status, l.line_number FROM Mutant m JOIN Line l ON m.line = l.id"
 ):
-    if wanted is None or line in wanted:
+    # mutmut numbers lines from 0, the patch from 1
+    if wanted is None or line + 1 in wanted:
         n[status] = n.get(status, 0) + 1
 total = sum(n.values())
 # suspicious: killed, but slowly; timeout: the tests hung on the mutant (caught too)
