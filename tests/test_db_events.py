@@ -233,11 +233,15 @@ async def test_a_sleeping_listener_is_woken_by_the_writer(relay, client, db, rep
     c = await client(r)
     await c.auth(r.token("A", "1"))
     await c.join(f"db-{name}")
+    await listener_sleeping(db)
+    connection = await listener_pid(db)
     for n in range(3):
         await listener_sleeping(db)
         row_id = await insert(db, name, "A", "1", n)
         frame = await c.expect("db_created", timeout=20)
         assert json.loads(frame["data"])["id"] == row_id
+    await listener_sleeping(db)
+    assert await listener_pid(db) == connection  # woken three times, never reconnected
 
 
 async def test_reauth_as_another_user_follows_the_new_identity(relay, client, db, repo):
