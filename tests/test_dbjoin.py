@@ -289,7 +289,7 @@ CANNOT_READ = "could not read the event log; join again shortly"
 
 async def _replay_waiting_on_its_client(handle: RelayHandle, client: Any, db, repo) -> Any:
     """A phone resuming over BACKLOG rows, its replay paused between two reads of the log
-    (its send queue full, no pool connection held): (phone, table)."""
+    (its send queue full, no pool connection held): (phone, table, position resumed from)."""
     table = await repo("_744_")
     pos = await _position(handle, client, table)
     await _backlog(db, table, BACKLOG, FILLER, handle)
@@ -309,7 +309,7 @@ async def _replay_waiting_on_its_client(handle: RelayHandle, client: Any, db, re
         )
 
     await eventually(waiting, 20, what="the replay waiting on its client")
-    return phone, table
+    return phone, table, pos
 
 
 async def _read_to_error(phone: Phone) -> list[dict[str, Any]]:
@@ -347,7 +347,7 @@ async def test_a_replay_whose_next_page_fails_says_so(relay, client, db, pg_url,
     """The log's next page cannot be read (the query is cancelled while it waits on a
     lock): the client is told, its subscription ends, and it can resume where it stopped."""
     handle = await relay()
-    phone, table = await _replay_waiting_on_its_client(handle, client, db, repo)
+    phone, table, _ = await _replay_waiting_on_its_client(handle, client, db, repo)
     locker = await asyncpg.connect(pg_url)
     try:
         async with locker.transaction():
@@ -374,7 +374,7 @@ async def test_a_replay_without_a_connection_for_its_next_page_says_so(
 ) -> None:
     """No pool connection frees up for the next page (TimeoutError): told the same way."""
     handle = await relay()
-    phone, table = await _replay_waiting_on_its_client(handle, client, db, repo)
+    phone, table, _ = await _replay_waiting_on_its_client(handle, client, db, repo)
     state = handle.state
     assert state.db is not None
     state.db.acquire_timeout = 0.5
@@ -387,3 +387,22 @@ async def test_a_replay_without_a_connection_for_its_next_page_says_so(
         for holder in holders:
             await holder.__aexit__(None, None, None)
     await _told_and_resumable(handle, db, phone, table, frames)
+
+
+async def test_a_replay_whose_log_is_pruned_under_it_says_reload(relay, client, db, repo) -> None:
+    """The log is pruned past where a paused replay has got: the client is told to
+    reload (not to retry), and its subscription ends."""
+    handle = await relay()
+    phone, table, pos = await _replay_waiting_on_its_client(handle, client, db, repo)
+    await db.fetchval("SELECT relay.tick()")
+    assert await db.fetchval("SELECT relay.prune('0 seconds'::interval)") >= BACKLOG
+    *replayed, error = await _read_to_error(phone)
+    reload = (
+        f"position {pos} is older than the event log keeps:"
+        " reload the data, then join without 'after'"
+    )
+    assert (error["data"], error["channel"]) == (reload, "db-" + table)
+    got = [json.loads(f["data"])["data"]["n"] for f in replayed]
+    assert 0 < len(got) < BACKLOG and got == list(range(1, len(got) + 1))
+    assert handle.state.dbhub.subscribers("default", table) is None
+    phone.writer.close()
