@@ -279,12 +279,20 @@ async def test_a_filtered_resume_replays_through_the_filter(relay, client, db) -
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"filter": "n=like.3"}, "unknown filter operator"),
-        ({"filter": "nope=eq.1"}, "no column 'nope'"),
-        ({"filter": "n=eq.abc"}, "not a value"),
-        ({"filter": "garbage"}, "not a filter"),
-        ({"snapshot": "yes"}, "snapshot"),
-        ({"snapshot": "true", "after": "1"}, "not both"),
+        (
+            {"filter": "n=like.3"},
+            "invalid filter: unknown filter operator 'like': use one of eq, neq, lt, lte, gt,"
+            " gte, in",
+        ),
+        ({"filter": "nope=eq.1"}, "invalid filter: the table has no column 'nope'"),
+        ({"filter": "n=eq.abc"}, "invalid filter: 'abc' is not a value of column 'n''s type"),
+        (
+            {"filter": "garbage"},
+            "invalid filter: not a filter: 'garbage' (expected column=op.value,"
+            " e.g. status=eq.open)",
+        ),
+        ({"snapshot": "yes"}, "'snapshot' must be \"true\" or absent"),
+        ({"snapshot": "true", "after": "1"}, "a join takes 'after' or 'snapshot', not both"),
     ],
 )
 async def test_invalid_join_options_get_a_readable_error(relay, client, db, extra, message):
@@ -294,5 +302,5 @@ async def test_invalid_join_options_get_a_readable_error(relay, client, db, extr
     await c.auth(r.token("a", "1"))
     await c.send(type="join", data="db-" + table, token=c.token, **extra)
     error = await c.expect("error")
-    assert message in error["data"] and error["channel"] == "db-" + table
+    assert (error["data"], error["channel"]) == (message, "db-" + table)
     await c.join("db-" + table)  # the socket carries on
