@@ -44,7 +44,7 @@ VIEWS="tests/test_views.py tests/test_filters.py"
 # Its runner puts the quick functional tests first and the heavy replays last.
 DBJOIN_SCOPE="JoinOptions join_db _check_position _replay"
 V=tests/test_views.py
-DBJOIN_TESTS="$E::test_unwatched_table_is_refused_and_a_new_watch_is_joinable_at_once $E::test_contract_example_tasks_760 $RESUME $V::test_a_filtered_resume_replays_through_the_filter $V::test_invalid_join_options_get_a_readable_error $V::test_snapshot_then_stream tests/test_expiry.py::test_session_expiring_during_a_db_join_is_not_subscribed tests/test_dbjoin.py"
+DBJOIN_TESTS="$E::test_unwatched_table_is_refused_and_a_new_watch_is_joinable_at_once $E::test_contract_example_tasks_760 $RESUME $V::test_a_filtered_resume_replays_through_the_filter $V::test_invalid_join_options_get_a_readable_error $V::test_snapshot_then_stream tests/test_expiry.py::test_session_expiring_during_a_db_join_is_not_subscribed tests/test_expiry.py::test_fresh_auth_after_expiry_rejoins_the_paused_channels tests/test_dbjoin.py"
 declare -A PLAN=(
   [permissions]="relay/permissions.py|tests/test_permissions.py tests/test_dbhub.py $FILTER"
   [dbhub]="relay/dbhub.py|tests/test_dbhub.py tests/test_permissions.py $FILTER $RESUME $DBEVENTS tests/test_dbjoin.py $VIEWS|$DBHUB_SCOPE"
