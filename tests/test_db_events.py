@@ -478,6 +478,39 @@ async def test_a_sleeping_listener_whose_connection_dies_reconnects_at_once(
     assert await listener_pid(db) not in (None, before)
 
 
+async def test_a_writer_that_saw_the_listener_awake_is_waited_for_before_it_sleeps(
+    relay, client, db, pg_url, repo
+):
+    """The sleep handshake: a transaction whose trigger read sleeping = false sends no
+    NOTIFY, so the listener, going to sleep, must wait for it to end and read its rows.
+    With the safety poll an hour away, the row arrives only if it did."""
+    r = await relay(poll_seconds=3600)
+    name = await repo("_744_")
+    c = await client(r)
+    await c.auth(r.token("A", "1"))
+    await c.join(f"db-{name}")
+    writer = await asyncpg.connect(pg_url)
+    try:
+        for _ in range(20):
+            awake = await insert(db, name, "A", "1")  # the listener is busy right after it
+            assert ids_of([await c.expect("db_created", timeout=20)]) == [("db_created", awake)]
+            tx = writer.transaction()
+            await tx.start()
+            late = await insert(writer, name, "A", "1")
+            # Read after the trigger's read: if awake now, it was awake then (only a
+            # NOTIFY, or events found, wakes a sleeping listener).
+            if not await writer.fetchval("SELECT bool_or(sleeping) FROM relay.listeners"):
+                break
+            await tx.rollback()
+        else:
+            raise AssertionError("the listener was never caught awake")
+        await listener_sleeping(db)
+        await tx.commit()
+        assert ids_of([await c.expect("db_created", timeout=20)]) == [("db_created", late)]
+    finally:
+        await writer.close()
+
+
 async def test_a_listener_locked_out_says_so_then_delivers_and_counts_what_it_missed(
     relay, client, db, pg_url, repo
 ):

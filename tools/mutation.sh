@@ -31,7 +31,7 @@ DBEVENTS="tests/test_db_events.py::test_contract_example_tasks_760 tests/test_db
 # listener.py: the tests of what the listener itself does (wake-ups, reconnects,
 # big ticks through the cursor, positions), not every permission case.
 E=tests/test_db_events.py
-LISTEN="$E::test_contract_example_tasks_760 $E::test_a_sleeping_listener_whose_connection_dies_reconnects_at_once $E::test_a_listener_locked_out_says_so_then_delivers_and_counts_what_it_missed $E::test_update_and_delete_frames $E::test_update_moving_account $E::test_a_sleeping_listener_is_woken_by_the_writer $E::test_listener_connection_lost_in_the_middle_of_a_large_tick $E::test_rollback_produces_no_event $E::test_thousand_rows_in_one_transaction_arrive_in_order $E::test_row_written_right_after_joined_arrives $E::test_listener_survives_terminated_connection $E::test_one_statement_of_2500_rows_arrives_whole_and_in_order tests/test_durability.py::test_listener_terminated_mid_stream_loses_nothing tests/test_durability.py::test_resume_while_writers_keep_writing_has_no_gap_or_duplicate tests/test_durability.py::test_resume_across_a_gap_in_tick_ids tests/test_durability.py::test_events_carry_positions_and_joined_gives_one"
+LISTEN="$E::test_contract_example_tasks_760 $E::test_a_writer_that_saw_the_listener_awake_is_waited_for_before_it_sleeps tests/test_edges.py::test_a_listener_behind_retention_tells_its_subscribers_to_reload $E::test_a_sleeping_listener_whose_connection_dies_reconnects_at_once $E::test_a_listener_locked_out_says_so_then_delivers_and_counts_what_it_missed $E::test_update_and_delete_frames $E::test_update_moving_account $E::test_a_sleeping_listener_is_woken_by_the_writer $E::test_listener_connection_lost_in_the_middle_of_a_large_tick $E::test_rollback_produces_no_event $E::test_thousand_rows_in_one_transaction_arrive_in_order $E::test_row_written_right_after_joined_arrives $E::test_listener_survives_terminated_connection $E::test_one_statement_of_2500_rows_arrives_whole_and_in_order tests/test_durability.py::test_listener_terminated_mid_stream_loses_nothing tests/test_durability.py::test_resume_while_writers_keep_writing_has_no_gap_or_duplicate tests/test_durability.py::test_resume_across_a_gap_in_tick_ids tests/test_durability.py::test_events_carry_positions_and_joined_gives_one"
 # dbhub.py: the permission filter (indexes, readers, audiences) and the replay
 # path (positions, held frames, replay_chunk, release_some), not its constants.
 DBHUB_SCOPE="Held.hold Held.pop Held.drop_visible Snapshot Event.pos Event.deleted_data Position RepoSubscribers.add RepoSubscribers.remove RepoSubscribers.readers RepoSubscribers.members DbHub audiences audience_of _already_seen _view_frames"
@@ -39,6 +39,11 @@ DBHUB_SCOPE="Held.hold Held.pop Held.drop_visible Snapshot Event.pos Event.delet
 # its constants, defaults and start/stop.
 LISTENER_SCOPE="event_from_record Listener._run Listener._follow Listener._sleep Listener._drain Listener._dispatch"
 VIEWS="tests/test_views.py tests/test_filters.py"
+# dbhub.py's tests: units first, then the functional tests of the permission
+# filter, resumes, notices (truncate, drop, pruned) and views; not the phones
+# of test_dbjoin.py (pool and flow control: dbjoin's) nor the filters' units.
+EDGES="tests/test_edges.py::test_truncate_reaches_subscribers_and_resumes_in_order tests/test_edges.py::test_dropped_table_tells_subscribers_once_and_unregisters tests/test_edges.py::test_a_paused_session_resumes_each_db_channel_where_it_stopped tests/test_edges.py::test_a_listener_behind_retention_tells_its_subscribers_to_reload"
+DBHUB_TESTS="tests/test_dbhub.py tests/test_permissions.py $DBEVENTS $RESUME $EDGES $FILTER tests/test_views.py"
 # dbjoin.py: the resume path (join_db, the position check, the paged replay);
 # the snapshot and filter parts (_snapshot, _view) are the views' tests' own.
 # Its runner puts the quick functional tests first and the heavy replays last.
@@ -47,7 +52,7 @@ V=tests/test_views.py
 DBJOIN_TESTS="$E::test_unwatched_table_is_refused_and_a_new_watch_is_joinable_at_once $E::test_contract_example_tasks_760 $RESUME $V::test_a_filtered_resume_replays_through_the_filter $V::test_invalid_join_options_get_a_readable_error $V::test_snapshot_then_stream tests/test_expiry.py::test_session_expiring_during_a_db_join_is_not_subscribed tests/test_expiry.py::test_fresh_auth_after_expiry_rejoins_the_paused_channels tests/test_dbjoin.py"
 declare -A PLAN=(
   [permissions]="relay/permissions.py|tests/test_permissions.py tests/test_dbhub.py $FILTER"
-  [dbhub]="relay/dbhub.py|tests/test_dbhub.py tests/test_permissions.py $FILTER $RESUME $DBEVENTS tests/test_dbjoin.py $VIEWS|$DBHUB_SCOPE"
+  [dbhub]="relay/dbhub.py|$DBHUB_TESTS|$DBHUB_SCOPE"
   [dbjoin]="relay/dbjoin.py|$DBJOIN_TESTS|$DBJOIN_SCOPE"
   [views]="relay/views.py|tests/test_dbhub.py $VIEWS"
   [filters]="relay/filters.py|tests/test_filters.py"
