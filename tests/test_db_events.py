@@ -548,7 +548,38 @@ async def test_a_listener_locked_out_says_so_then_delivers_and_counts_what_it_mi
     frames = await collect(c, 3, timeout=20)
     assert ids_of(frames) == [("db_created", row_id) for row_id in missed]
     assert value(await scrape(r), "relay_db_events_ingested_total") == ingested + 3
+
+    async def ready() -> Any:
+        async with aiohttp.ClientSession() as http, http.get(r.http_url + "/readyz") as resp:
+            return resp.status == 200 and await resp.json() == {"status": "ready"}
+
+    await eventually(ready, what="/readyz: ready again")
     await c.silent()
+
+
+async def test_a_stream_of_commits_is_read_on_one_connection_and_each_counted_once(
+    relay, client, db, repo
+):
+    """Thirty commits in a row, while the listener polls busily between them: one
+    connection throughout, each event counted once in /metrics, and each within
+    ten seconds of its commit in the latency histogram."""
+    r = await relay()
+    name = await repo("_744_")
+    c = await client(r)
+    await c.auth(r.token("A", "1"))
+    await c.join(f"db-{name}")
+    connection = await listener_pid(db)
+    before = await scrape(r)
+    rows = [await insert(db, name, "A", "1", n) for n in range(30)]
+    assert ids_of(await collect(c, 30)) == [("db_created", row_id) for row_id in rows]
+    after = await scrape(r)
+    for metric, labels in (
+        ("relay_db_events_ingested_total", {}),
+        ("relay_db_commit_to_delivery_seconds_count", {}),
+        ("relay_db_commit_to_delivery_seconds_bucket", {"le": "10.0"}),
+    ):
+        assert value(after, metric, **labels) - value(before, metric, **labels) == 30, metric
+    assert await listener_pid(db) == connection
 
 
 async def test_one_statement_of_2500_rows_arrives_whole_and_in_order(relay, client, db, repo):
@@ -557,12 +588,15 @@ async def test_one_statement_of_2500_rows_arrives_whole_and_in_order(relay, clie
     c = await client(r)
     await c.auth(r.token("A", "1"))
     await c.join(f"db-{name}")
+    ingested = value(await scrape(r), "relay_db_events_ingested_total")
     await db.execute(
         f"INSERT INTO {name} (owner_id, account_id, data)"
         " SELECT 'A', '1', jsonb_build_object('n', g) FROM generate_series(1, 2500) g"
         " ORDER BY g"
     )
     frames = [await c.expect("db_created") for _ in range(2500)]
+    # Read in one poll and then a cursor (more than 1,000 rows): each counted once.
+    assert value(await scrape(r), "relay_db_events_ingested_total") == ingested + 2500
     assert sorted(json.loads(f["data"])["data"]["n"] for f in frames) == list(range(1, 2501))
     positions = [tuple(int(x) for x in f["pos"].split("-")) for f in frames]
     assert positions == sorted(set(positions))
