@@ -406,3 +406,29 @@ async def test_a_replay_whose_log_is_pruned_under_it_says_reload(relay, client, 
     assert 0 < len(got) < BACKLOG and got == list(range(1, len(got) + 1))
     assert handle.state.dbhub.subscribers("default", table) is None
     phone.writer.close()
+
+
+async def test_live_rows_held_during_a_paused_replay_all_follow_it(relay, client, db, repo) -> None:
+    """Rows committed while a replay waits on its reader are held back, then released
+    a few at a time as the reader makes room (a queue of 20 frames): all of them
+    arrive, after the backlog and in order."""
+    handle = await relay(send_queue_frames=20)
+    table = await repo("_744_")
+    pos = await _position(handle, client, table)
+    await _backlog(db, table, BACKLOG, FILLER, handle)
+    phone = await Phone.connect(handle.port)
+    await phone.auth_and_resume(handle.token("phone", "acct"), "db-" + table, pos)
+    # The phone reads nothing yet: its replay (12 MB) cannot have ended, so these
+    # rows, dispatched now, are held for it.
+    await _backlog(db, table, 100, "live", handle)
+    subs = handle.state.dbhub.subscribers("default", table)
+    assert subs is not None and [len(h.frames) for h in subs.catching_up.values()] == [100]
+    frames = [await phone.recv(timeout=20) for _ in range(BACKLOG + 100)]
+    assert [json.loads(f["data"])["data"]["n"] for f in frames] == [
+        *range(1, BACKLOG + 1),
+        *range(1, 101),
+    ]
+    assert {json.loads(f["data"])["data"]["filler"] for f in frames[BACKLOG:]} == {"live"}
+    phone.send(type="echo", data="done")  # nothing else was queued before its answer
+    assert (await phone.recv())["data"] == "echo: done"
+    phone.writer.close()
