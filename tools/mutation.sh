@@ -44,9 +44,10 @@ DBHUB_SCOPE="Held.hold Held.pop Position Event.pos Event.deleted_data RepoSubscr
 LISTENER_SCOPE="event_from_record Listener._run Listener._follow Listener._sleep Listener._drain Listener._dispatch"
 VIEWS="tests/test_views.py tests/test_filters.py"
 # dbhub.py's tests: units first, then the functional tests of the permission
-# filter and of resumes; not the phones of test_dbjoin.py (pool and flow
-# control: dbjoin's).
-DBHUB_TESTS="tests/test_dbhub.py tests/test_permissions.py $DBEVENTS $RESUME tests/test_edges.py::test_a_paused_session_resumes_each_db_channel_where_it_stopped $FILTER"
+# filter and of resumes (a truncate in a replay, filtered subscribers and
+# snapshots where dispatch and replay_event branch for them); not the phones of
+# test_dbjoin.py (pool and flow control: dbjoin's).
+DBHUB_TESTS="tests/test_dbhub.py tests/test_permissions.py $DBEVENTS $RESUME tests/test_edges.py::test_a_paused_session_resumes_each_db_channel_where_it_stopped tests/test_edges.py::test_truncate_reaches_subscribers_and_resumes_in_order tests/test_views.py::test_a_filtered_subscriber_outlives_the_last_plain_one tests/test_views.py::test_joining_again_without_the_filter_drops_it tests/test_views.py::test_a_filtered_resume_replays_through_the_filter tests/test_views.py::test_snapshot_is_consistent_with_a_writer_committing_throughout $FILTER"
 # dbjoin.py: the resume path (join_db, the position check, the paged replay);
 # the snapshot and filter parts (_snapshot, _view) are the views' tests' own.
 # Its runner puts the quick functional tests first and the heavy replays last.
