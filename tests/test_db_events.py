@@ -11,10 +11,14 @@ import json
 import uuid
 from typing import Any
 
+import aiohttp
+import asyncpg
 import pytest
 
-from tests.conftest import RepoFactory, WsClient
-from tests.helpers import collect, ids_of, insert, listener_sleeping
+from relay.server import DB_DELAYED
+from tests.conftest import RepoFactory, WsClient, _url_of
+from tests.helpers import collect, eventually, ids_of, insert, listener_sleeping
+from tests.test_metrics import scrape, value
 
 # The contract's example: A and B in account 1, C alone in account 2.
 USERS = {"A": "1", "B": "1", "C": "2"}
@@ -229,11 +233,15 @@ async def test_a_sleeping_listener_is_woken_by_the_writer(relay, client, db, rep
     c = await client(r)
     await c.auth(r.token("A", "1"))
     await c.join(f"db-{name}")
+    await listener_sleeping(db)
+    connection = await listener_pid(db)
     for n in range(3):
         await listener_sleeping(db)
         row_id = await insert(db, name, "A", "1", n)
         frame = await c.expect("db_created", timeout=20)
         assert json.loads(frame["data"])["id"] == row_id
+    await listener_sleeping(db)
+    assert await listener_pid(db) == connection  # woken three times, never reconnected
 
 
 async def test_reauth_as_another_user_follows_the_new_identity(relay, client, db, repo):
@@ -451,18 +459,144 @@ async def test_listener_survives_terminated_connection(relay, client, db, repo: 
     await c.silent()
 
 
+async def test_a_sleeping_listener_whose_connection_dies_reconnects_at_once(
+    relay, client, db, repo
+):
+    """With the safety poll an hour away, a listener asleep when its connection is
+    killed does not wait for it: it reconnects, and a row written meanwhile arrives."""
+    r = await relay(poll_seconds=3600)
+    name = await repo("_744_")
+    c = await client(r)
+    await c.auth(r.token("A", "1"))
+    await c.join(f"db-{name}")
+    await listener_sleeping(db)
+    before = await listener_pid(db)
+    assert await db.fetchval("SELECT pg_terminate_backend($1)", before)
+    row_id = await insert(db, name, "A", "1")
+    frame = await c.expect("db_created", timeout=20)
+    assert json.loads(frame["data"])["id"] == row_id
+    assert await listener_pid(db) not in (None, before)
+
+
+async def test_a_writer_that_saw_the_listener_awake_is_waited_for_before_it_sleeps(
+    relay, client, db, pg_url, repo
+):
+    """The sleep handshake: a transaction whose trigger read sleeping = false sends no
+    NOTIFY, so the listener, going to sleep, must wait for it to end and read its rows.
+    With the safety poll an hour away, the row arrives only if it did."""
+    r = await relay(poll_seconds=3600)
+    name = await repo("_744_")
+    c = await client(r)
+    await c.auth(r.token("A", "1"))
+    await c.join(f"db-{name}")
+    writer = await asyncpg.connect(pg_url)
+    try:
+        for _ in range(20):
+            awake = await insert(db, name, "A", "1")  # the listener is busy right after it
+            assert ids_of([await c.expect("db_created", timeout=20)]) == [("db_created", awake)]
+            tx = writer.transaction()
+            await tx.start()
+            late = await insert(writer, name, "A", "1")
+            # Read after the trigger's read: if awake now, it was awake then (only a
+            # NOTIFY, or events found, wakes a sleeping listener).
+            if not await writer.fetchval("SELECT bool_or(sleeping) FROM relay.listeners"):
+                break
+            await tx.rollback()
+        else:
+            raise AssertionError("the listener was never caught awake")
+        await listener_sleeping(db)
+        await tx.commit()
+        assert ids_of([await c.expect("db_created", timeout=20)]) == [("db_created", late)]
+    finally:
+        await writer.close()
+
+
+async def test_a_listener_locked_out_says_so_then_delivers_and_counts_what_it_missed(
+    relay, client, db, pg_url, repo
+):
+    """The listener's connection is killed and the database refuses new ones: the
+    subscriber is told its events are delayed, /readyz says why; once the database
+    lets it back in, the rows written meanwhile arrive, each counted once in /metrics."""
+    r = await relay()
+    name = await repo("_744_")
+    c = await client(r)
+    await c.auth(r.token("A", "1"))
+    await c.join(f"db-{name}")
+    first = await insert(db, name, "A", "1")
+    assert ids_of([await c.expect("db_created")]) == [("db_created", first)]
+    ingested = value(await scrape(r), "relay_db_events_ingested_total")
+    database = await db.fetchval("SELECT current_database()")
+    admin = await asyncpg.connect(_url_of(pg_url, "postgres"))  # not the current database
+    await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+    try:
+        assert await db.fetchval("SELECT pg_terminate_backend($1)", await listener_pid(db))
+        missed = [await insert(db, name, "A", "1", n) for n in range(3)]
+        delayed = await c.expect("error", timeout=15)
+        assert (delayed["data"], delayed["channel"]) == (DB_DELAYED, f"db-{name}")
+
+        async def not_ready() -> Any:
+            async with aiohttp.ClientSession() as http, http.get(r.http_url + "/readyz") as resp:
+                return (
+                    resp.status == 503
+                    and "listener not connected" in (await resp.json())["problems"]
+                )
+
+        await eventually(not_ready, what="/readyz: listener not connected")
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await admin.close()
+    frames = await collect(c, 3, timeout=20)
+    assert ids_of(frames) == [("db_created", row_id) for row_id in missed]
+    assert value(await scrape(r), "relay_db_events_ingested_total") == ingested + 3
+
+    async def ready() -> Any:
+        async with aiohttp.ClientSession() as http, http.get(r.http_url + "/readyz") as resp:
+            return resp.status == 200 and await resp.json() == {"status": "ready"}
+
+    await eventually(ready, what="/readyz: ready again")
+    await c.silent()
+
+
+async def test_a_stream_of_commits_is_read_on_one_connection_and_each_counted_once(
+    relay, client, db, repo
+):
+    """Thirty commits in a row, while the listener polls busily between them: one
+    connection throughout, each event counted once in /metrics, and each within
+    ten seconds of its commit in the latency histogram."""
+    r = await relay()
+    name = await repo("_744_")
+    c = await client(r)
+    await c.auth(r.token("A", "1"))
+    await c.join(f"db-{name}")
+    connection = await listener_pid(db)
+    before = await scrape(r)
+    rows = [await insert(db, name, "A", "1", n) for n in range(30)]
+    assert ids_of(await collect(c, 30)) == [("db_created", row_id) for row_id in rows]
+    after = await scrape(r)
+    for metric, labels in (
+        ("relay_db_events_ingested_total", {}),
+        ("relay_db_commit_to_delivery_seconds_count", {}),
+        ("relay_db_commit_to_delivery_seconds_bucket", {"le": "10.0"}),
+    ):
+        assert value(after, metric, **labels) - value(before, metric, **labels) == 30, metric
+    assert await listener_pid(db) == connection
+
+
 async def test_one_statement_of_2500_rows_arrives_whole_and_in_order(relay, client, db, repo):
     r = await relay(send_queue_frames=5000)
     name = await repo("_744_")
     c = await client(r)
     await c.auth(r.token("A", "1"))
     await c.join(f"db-{name}")
+    ingested = value(await scrape(r), "relay_db_events_ingested_total")
     await db.execute(
         f"INSERT INTO {name} (owner_id, account_id, data)"
         " SELECT 'A', '1', jsonb_build_object('n', g) FROM generate_series(1, 2500) g"
         " ORDER BY g"
     )
     frames = [await c.expect("db_created") for _ in range(2500)]
+    # Read in one poll and then a cursor (more than 1,000 rows): each counted once.
+    assert value(await scrape(r), "relay_db_events_ingested_total") == ingested + 2500
     assert sorted(json.loads(f["data"])["data"]["n"] for f in frames) == list(range(1, 2501))
     positions = [tuple(int(x) for x in f["pos"].split("-")) for f in frames]
     assert positions == sorted(set(positions))

@@ -150,6 +150,14 @@ def test_position_parse(text: str, pos: Position) -> None:
     assert str(pos) == text
 
 
+def test_a_position_comes_after_its_own_event_and_before_the_next() -> None:
+    at = Position(5, 3)
+    assert not at.before(event("c", "A", "1", seq=3))  # dispatched already
+    assert at.before(event("c", "A", "1", seq=4))
+    assert not Position(5).before(event("c", "A", "1", seq=9))  # the whole tick
+    assert Position(4).before(event("c", "A", "1", seq=1))
+
+
 def test_position_rejects_garbage() -> None:
     with pytest.raises(ValueError):
         Position.parse("x-1")

@@ -21,6 +21,7 @@ import aiohttp
 import asyncpg
 
 from tests.conftest import RelayHandle
+from tests.helpers import eventually
 
 BACKLOG = 3000
 FILLER = "x" * 4000  # ~12 MB of backlog: more than loopback socket buffers absorb
@@ -36,6 +37,7 @@ class Phone:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.token = ""
 
     @classmethod
     async def connect(cls, port: int) -> Phone:
@@ -99,7 +101,7 @@ class Phone:
 
     async def auth_and_resume(self, session_token: str, channel: str, after: str) -> None:
         self.send(type="auth", data=session_token)
-        token = (await self.recv())["data"]
+        self.token = token = (await self.recv())["data"]
         self.send(type="join", data=channel, token=token, after=after)
         joined = await self.recv()
         assert joined["type"] == "joined", joined
@@ -280,3 +282,153 @@ async def test_a_wedged_pool_fails_the_health_check(relay, client) -> None:
             await holder.__aexit__(None, None, None)
     async with aiohttp.ClientSession() as http, http.get(handle.http_url + "/healthz") as resp:
         assert resp.status == 200
+
+
+CANNOT_READ = "could not read the event log; join again shortly"
+
+
+async def _replay_waiting_on_its_client(handle: RelayHandle, client: Any, db, repo) -> Any:
+    """A phone resuming over BACKLOG rows, its replay paused between two reads of the log
+    (its send queue full, no pool connection held): (phone, table, position resumed from)."""
+    table = await repo("_744_")
+    pos = await _position(handle, client, table)
+    await _backlog(db, table, BACKLOG, FILLER, handle)
+    phone = await Phone.connect(handle.port)
+    await phone.auth_and_resume(handle.token("phone", "acct"), "db-" + table, pos)
+    state = handle.state
+    assert state.db is not None
+
+    def waiting() -> bool:
+        subs = state.dbhub.subscribers("default", table)
+        return (
+            subs is not None
+            and len(subs.catching_up) == 1
+            and not any(s.has_room for s in subs.catching_up)
+            and state.db is not None
+            and state.db.stats()["in_use"] == 0
+        )
+
+    await eventually(waiting, 20, what="the replay waiting on its client")
+    return phone, table, pos
+
+
+async def _read_to_error(phone: Phone) -> list[dict[str, Any]]:
+    frames = []
+    while not frames or frames[-1]["type"] != "error":
+        frames.append(await phone.recv(timeout=20))
+    return frames
+
+
+async def _told_and_resumable(
+    handle: RelayHandle, db, phone: Phone, table: str, frames: list[dict[str, Any]]
+) -> None:
+    """The replay stopped with CANNOT_READ after rows 1..k, unsubscribed; joining again
+    after row k (as the text says) gives k+1.. and the live stream, once each."""
+    *replayed, error = frames
+    assert (error["type"], error["data"], error["channel"]) == ("error", CANNOT_READ, "db-" + table)
+    got = [json.loads(f["data"])["data"]["n"] for f in replayed]
+    assert 0 < len(got) < BACKLOG and got == list(range(1, len(got) + 1))
+    assert handle.state.dbhub.subscribers("default", table) is None
+    await _backlog(db, table, 1, "live")  # written while the phone follows nothing
+    phone.send(type="join", data="db-" + table, token=phone.token, after=replayed[-1]["pos"])
+    assert (await phone.recv())["type"] == "joined"
+    rest = [await phone.recv(timeout=20) for _ in range(BACKLOG + 1 - len(got))]
+    assert [json.loads(f["data"])["data"]["n"] for f in rest] == [
+        *range(len(got) + 1, BACKLOG + 1),
+        1,
+    ]
+    assert json.loads(rest[-1]["data"])["data"]["filler"] == "live"
+    phone.send(type="echo", data="done")  # nothing else was queued before its answer
+    assert (await phone.recv())["data"] == "echo: done"
+    phone.writer.close()
+
+
+async def test_a_replay_whose_next_page_fails_says_so(relay, client, db, pg_url, repo) -> None:
+    """The log's next page cannot be read (the query is cancelled while it waits on a
+    lock): the client is told, its subscription ends, and it can resume where it stopped."""
+    handle = await relay()
+    phone, table, _ = await _replay_waiting_on_its_client(handle, client, db, repo)
+    locker = await asyncpg.connect(pg_url)
+    try:
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE relay.events IN ACCESS EXCLUSIVE MODE")
+            reading = asyncio.create_task(_read_to_error(phone))
+
+            async def page_query_waiting() -> int | None:
+                pid: int | None = await db.fetchval(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%relay.events_page%'"
+                )
+                return pid
+
+            pid = await eventually(page_query_waiting, 20, what="the next page waiting")
+            assert await db.fetchval("SELECT pg_cancel_backend($1)", pid)
+            frames = await reading
+    finally:
+        await locker.close()
+    await _told_and_resumable(handle, db, phone, table, frames)
+
+
+async def test_a_replay_without_a_connection_for_its_next_page_says_so(
+    relay, client, db, repo
+) -> None:
+    """No pool connection frees up for the next page (TimeoutError): told the same way."""
+    handle = await relay()
+    phone, table, _ = await _replay_waiting_on_its_client(handle, client, db, repo)
+    state = handle.state
+    assert state.db is not None
+    state.db.acquire_timeout = 0.5
+    holders = [state.db.acquire() for _ in range(state.db.max_size)]
+    for holder in holders:
+        await holder.__aenter__()
+    try:
+        frames = await _read_to_error(phone)
+    finally:
+        for holder in holders:
+            await holder.__aexit__(None, None, None)
+    await _told_and_resumable(handle, db, phone, table, frames)
+
+
+async def test_a_replay_whose_log_is_pruned_under_it_says_reload(relay, client, db, repo) -> None:
+    """The log is pruned past where a paused replay has got: the client is told to
+    reload (not to retry), and its subscription ends."""
+    handle = await relay()
+    phone, table, pos = await _replay_waiting_on_its_client(handle, client, db, repo)
+    await db.fetchval("SELECT relay.tick()")
+    assert await db.fetchval("SELECT relay.prune('0 seconds'::interval)") >= BACKLOG
+    *replayed, error = await _read_to_error(phone)
+    reload = (
+        f"position {pos} is older than the event log keeps:"
+        " reload the data, then join without 'after'"
+    )
+    assert (error["data"], error["channel"]) == (reload, "db-" + table)
+    got = [json.loads(f["data"])["data"]["n"] for f in replayed]
+    assert 0 < len(got) < BACKLOG and got == list(range(1, len(got) + 1))
+    assert handle.state.dbhub.subscribers("default", table) is None
+    phone.writer.close()
+
+
+async def test_live_rows_held_during_a_paused_replay_all_follow_it(relay, client, db, repo) -> None:
+    """Rows committed while a replay waits on its reader are held back, then released
+    a few at a time as the reader makes room (a queue of 20 frames): all of them
+    arrive, after the backlog and in order."""
+    handle = await relay(send_queue_frames=20)
+    table = await repo("_744_")
+    pos = await _position(handle, client, table)
+    await _backlog(db, table, BACKLOG, FILLER, handle)
+    phone = await Phone.connect(handle.port)
+    await phone.auth_and_resume(handle.token("phone", "acct"), "db-" + table, pos)
+    # The phone reads nothing yet: its replay (12 MB) cannot have ended, so these
+    # rows, dispatched now, are held for it.
+    await _backlog(db, table, 100, "live", handle)
+    subs = handle.state.dbhub.subscribers("default", table)
+    assert subs is not None and [len(h.frames) for h in subs.catching_up.values()] == [100]
+    frames = [await phone.recv(timeout=20) for _ in range(BACKLOG + 100)]
+    assert [json.loads(f["data"])["data"]["n"] for f in frames] == [
+        *range(1, BACKLOG + 1),
+        *range(1, 101),
+    ]
+    assert {json.loads(f["data"])["data"]["filler"] for f in frames[BACKLOG:]} == {"live"}
+    phone.send(type="echo", data="done")  # nothing else was queued before its answer
+    assert (await phone.recv())["data"] == "echo: done"
+    phone.writer.close()

@@ -293,6 +293,10 @@ async def test_a_listener_behind_retention_tells_its_subscribers_to_reload(
                 frames.append(await b_client.recv(10))
             notice = frames[-1]
             assert notice["reason"] == "pruned" and "reload the data" in notice["data"]
+            # B carries on from the newest tick: a row written now reaches its subscriber.
+            [row_id] = await insert(db, table, "u")
+            frame = await b_client.expect("db_created", timeout=10)
+            assert json.loads(frame["data"])["id"] == row_id
             await ws.close()
         assert any("pruned past" in rec.getMessage() for rec in caplog.records)
     finally:

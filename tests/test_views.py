@@ -279,12 +279,20 @@ async def test_a_filtered_resume_replays_through_the_filter(relay, client, db) -
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"filter": "n=like.3"}, "unknown filter operator"),
-        ({"filter": "nope=eq.1"}, "no column 'nope'"),
-        ({"filter": "n=eq.abc"}, "not a value"),
-        ({"filter": "garbage"}, "not a filter"),
-        ({"snapshot": "yes"}, "snapshot"),
-        ({"snapshot": "true", "after": "1"}, "not both"),
+        (
+            {"filter": "n=like.3"},
+            "invalid filter: unknown filter operator 'like': use one of eq, neq, lt, lte, gt,"
+            " gte, in",
+        ),
+        ({"filter": "nope=eq.1"}, "invalid filter: the table has no column 'nope'"),
+        ({"filter": "n=eq.abc"}, "invalid filter: 'abc' is not a value of column 'n''s type"),
+        (
+            {"filter": "garbage"},
+            "invalid filter: not a filter: 'garbage' (expected column=op.value,"
+            " e.g. status=eq.open)",
+        ),
+        ({"snapshot": "yes"}, "'snapshot' must be \"true\" or absent"),
+        ({"snapshot": "true", "after": "1"}, "a join takes 'after' or 'snapshot', not both"),
     ],
 )
 async def test_invalid_join_options_get_a_readable_error(relay, client, db, extra, message):
@@ -294,5 +302,39 @@ async def test_invalid_join_options_get_a_readable_error(relay, client, db, extr
     await c.auth(r.token("a", "1"))
     await c.send(type="join", data="db-" + table, token=c.token, **extra)
     error = await c.expect("error")
-    assert message in error["data"] and error["channel"] == "db-" + table
+    assert (error["data"], error["channel"]) == (message, "db-" + table)
     await c.join("db-" + table)  # the socket carries on
+
+
+async def test_a_filtered_subscriber_outlives_the_last_plain_one(relay, client, db) -> None:
+    """A filtered and a plain subscriber of one table; the plain one leaves: the
+    filtered one still gets the rows that pass its filter, and only those."""
+    r = await relay()
+    table = await make_table(db)
+    filtered = await join_view(r, client, table, "a", "1", filter="n=gt.5")
+    plain = await join_view(r, client, table, "b", "1")
+    await db.execute(f"INSERT INTO {table} (owner_id, account_id, n) VALUES ('a', '1', 9)")
+    assert json.loads((await plain.client.expect("db_created"))["data"])["n"] == 9
+    assert json.loads((await filtered.client.expect("db_created"))["data"])["n"] == 9
+    await plain.client.close()
+    await db.execute(f"INSERT INTO {table} (owner_id, account_id, n) VALUES ('a', '1', 1)")
+    await db.execute(f"INSERT INTO {table} (owner_id, account_id, n) VALUES ('a', '1', 7)")
+    assert json.loads((await filtered.client.expect("db_created"))["data"])["n"] == 7
+    await filtered.client.silent()
+
+
+async def test_joining_again_without_the_filter_drops_it(relay, client, db) -> None:
+    """A filtered subscriber joins the channel again without a filter: from then on
+    it gets every row it may read, each once; another filtered subscriber is unaffected."""
+    r = await relay()
+    table = await make_table(db)
+    view = await join_view(r, client, table, "a", "1", filter="n=gt.5")
+    other = (await join_view(r, client, table, "b", "1", filter="n=gt.5")).client
+    c = view.client
+    await c.join("db-" + table)
+    for n in (1, 9):
+        await db.execute(f"INSERT INTO {table} (owner_id, account_id, n) VALUES ('a', '1', $1)", n)
+    got = [json.loads((await c.expect("db_created"))["data"])["n"] for _ in range(2)]
+    assert got == [1, 9]
+    assert json.loads((await other.expect("db_created"))["data"])["n"] == 9
+    await asyncio.gather(c.silent(), other.silent())

@@ -13,6 +13,9 @@
 # extra (pip install -e '.[test]'), redis-server and the embedded PostgreSQL
 # the tests start themselves. Heavy: run it with the machine otherwise idle.
 set -euo pipefail
+# The whole script in one block, read before it runs: editing this file while
+# a run goes on cannot derail that run.
+{
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-$ROOT/.venv/bin/python}
@@ -28,18 +31,36 @@ OUT=$ROOT/.mutation
 FILTER="tests/test_db_events.py::test_permission_suffixes tests/test_db_events.py::test_updates_and_deletes_reach_old_and_new_readers_live_and_on_resume"
 RESUME="tests/test_durability.py::test_resume_gets_exactly_what_was_missed tests/test_durability.py::test_late_committer_is_not_skipped_on_resume tests/test_durability.py::test_resume_from_pruned_position_says_reload tests/test_durability.py::test_malformed_position_is_refused tests/test_durability.py::test_prune_by_size_keeps_the_newest_events tests/test_durability.py::test_resume_big_backlog_while_writes_continue tests/test_durability.py::test_resume_across_a_gap_in_tick_ids tests/test_durability.py::test_resume_on_another_relay_with_a_position_from_the_first tests/test_durability.py::test_the_oldest_kept_tick_is_a_valid_position_and_nothing_before_it"
 DBEVENTS="tests/test_db_events.py::test_contract_example_tasks_760 tests/test_db_events.py::test_update_and_delete_frames tests/test_db_events.py::test_delete_reaches_exactly_the_old_readers tests/test_db_events.py::test_update_moving_account tests/test_db_events.py::test_reauth_as_another_user_follows_the_new_identity tests/test_db_events.py::test_root_token_receives_every_event tests/test_db_events.py::test_unwatched_table_is_refused_and_a_new_watch_is_joinable_at_once"
-LISTEN="tests/test_db_events.py tests/test_durability.py::test_listener_terminated_mid_stream_loses_nothing tests/test_durability.py::test_resume_while_writers_keep_writing_has_no_gap_or_duplicate tests/test_durability.py::test_resume_across_a_gap_in_tick_ids tests/test_durability.py::test_events_carry_positions_and_joined_gives_one"
-# dbhub.py: the permission filter (indexes, readers, audiences) and the replay
-# path (positions, held frames, replay_chunk, release_some), not its constants.
-DBHUB_SCOPE="Held.hold Held.pop Held.drop_visible Snapshot Event.pos Event.deleted_data Position RepoSubscribers.add RepoSubscribers.remove RepoSubscribers.readers RepoSubscribers.members DbHub audiences audience_of _already_seen _view_frames"
+# listener.py: the tests of what the listener itself does (wake-ups, reconnects,
+# big ticks through the cursor, positions), not every permission case.
+E=tests/test_db_events.py
+LISTEN="$E::test_contract_example_tasks_760 tests/test_views.py::test_snapshot_is_consistent_with_a_writer_committing_throughout $E::test_a_stream_of_commits_is_read_on_one_connection_and_each_counted_once $E::test_a_writer_that_saw_the_listener_awake_is_waited_for_before_it_sleeps tests/test_edges.py::test_a_listener_behind_retention_tells_its_subscribers_to_reload $E::test_a_sleeping_listener_whose_connection_dies_reconnects_at_once $E::test_a_listener_locked_out_says_so_then_delivers_and_counts_what_it_missed $E::test_update_and_delete_frames $E::test_update_moving_account $E::test_a_sleeping_listener_is_woken_by_the_writer $E::test_listener_connection_lost_in_the_middle_of_a_large_tick $E::test_rollback_produces_no_event $E::test_thousand_rows_in_one_transaction_arrive_in_order $E::test_row_written_right_after_joined_arrives $E::test_listener_survives_terminated_connection $E::test_one_statement_of_2500_rows_arrives_whole_and_in_order tests/test_durability.py::test_listener_terminated_mid_stream_loses_nothing tests/test_durability.py::test_resume_while_writers_keep_writing_has_no_gap_or_duplicate tests/test_durability.py::test_resume_across_a_gap_in_tick_ids tests/test_durability.py::test_events_carry_positions_and_joined_gives_one"
+# dbhub.py: the permission filter (indexes, readers, audiences, dispatch) and the
+# resume path (positions, held frames, replay_event, release_some); not its
+# constants, nor snapshots, views and notices (the views' and edges' tests').
+DBHUB_SCOPE="Held.hold Held.pop Position Event.pos Event.deleted_data RepoSubscribers.add RepoSubscribers.remove RepoSubscribers.readers RepoSubscribers.members DbHub.subscribe DbHub.unsubscribe DbHub.dispatch DbHub._send DbHub.replay_event DbHub.release_some audiences audience_of"
+# listener.py: the loop (reconnects, the sleep handshake, draining, dispatch), not
+# its constants, defaults and start/stop.
+LISTENER_SCOPE="event_from_record Listener._run Listener._follow Listener._sleep Listener._drain Listener._dispatch"
 VIEWS="tests/test_views.py tests/test_filters.py"
+# dbhub.py's tests: units first, then the functional tests of the permission
+# filter and of resumes (a truncate in a replay, filtered subscribers and
+# snapshots where dispatch and replay_event branch for them); not the phones of
+# test_dbjoin.py (pool and flow control: dbjoin's).
+DBHUB_TESTS="tests/test_dbhub.py tests/test_permissions.py $DBEVENTS $RESUME tests/test_edges.py::test_a_paused_session_resumes_each_db_channel_where_it_stopped tests/test_edges.py::test_truncate_reaches_subscribers_and_resumes_in_order tests/test_views.py::test_a_filtered_subscriber_outlives_the_last_plain_one tests/test_views.py::test_joining_again_without_the_filter_drops_it tests/test_views.py::test_a_filtered_resume_replays_through_the_filter tests/test_views.py::test_snapshot_is_consistent_with_a_writer_committing_throughout $FILTER"
+# dbjoin.py: the resume path (join_db, the position check, the paged replay);
+# the snapshot and filter parts (_snapshot, _view) are the views' tests' own.
+# Its runner puts the quick functional tests first and the heavy replays last.
+DBJOIN_SCOPE="JoinOptions join_db _check_position _replay"
+V=tests/test_views.py
+DBJOIN_TESTS="$E::test_unwatched_table_is_refused_and_a_new_watch_is_joinable_at_once $E::test_contract_example_tasks_760 $RESUME $V::test_a_filtered_resume_replays_through_the_filter $V::test_invalid_join_options_get_a_readable_error $V::test_snapshot_then_stream tests/test_expiry.py::test_session_expiring_during_a_db_join_is_not_subscribed tests/test_expiry.py::test_fresh_auth_after_expiry_rejoins_the_paused_channels tests/test_dbjoin.py"
 declare -A PLAN=(
   [permissions]="relay/permissions.py|tests/test_permissions.py tests/test_dbhub.py $FILTER"
-  [dbhub]="relay/dbhub.py|tests/test_dbhub.py tests/test_permissions.py $FILTER $RESUME $DBEVENTS tests/test_dbjoin.py $VIEWS|$DBHUB_SCOPE"
-  [dbjoin]="relay/dbjoin.py|tests/test_dbjoin.py $RESUME $FILTER $DBEVENTS $VIEWS tests/test_expiry.py::test_session_expiring_during_a_db_join_is_not_subscribed"
+  [dbhub]="relay/dbhub.py|$DBHUB_TESTS|$DBHUB_SCOPE"
+  [dbjoin]="relay/dbjoin.py|$DBJOIN_TESTS|$DBJOIN_SCOPE"
   [views]="relay/views.py|tests/test_dbhub.py $VIEWS"
   [filters]="relay/filters.py|tests/test_filters.py"
-  [listener]="relay/listener.py|$LISTEN"
+  [listener]="relay/listener.py|$LISTEN|$LISTENER_SCOPE"
   [hub]="relay/hub.py|tests/test_contract.py tests/test_limits.py tests/test_broker.py tests/test_expiry.py"
   [broker]="relay/broker|tests/test_broker.py"
 )
@@ -73,7 +94,8 @@ n: dict[str, int] = {}
 for status, line in db.execute(
     "SELECT m.status, l.line_number FROM Mutant m JOIN Line l ON m.line = l.id"
 ):
-    if wanted is None or line in wanted:
+    # mutmut numbers lines from 0, the patch from 1
+    if wanted is None or line + 1 in wanted:
         n[status] = n.get(status, 0) + 1
 total = sum(n.values())
 # suspicious: killed, but slowly; timeout: the tests hung on the mutant (caught too)
@@ -138,3 +160,5 @@ for name in "${names[@]}"; do
   rm -rf "$dir"
 done
 report
+exit
+}
