@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import time
 from dataclasses import dataclass, field
 
@@ -40,6 +39,7 @@ from _common import (
     pg_version,
     print_table,
     quiet_logs,
+    raise_fd_limit,
     token,
 )
 
@@ -105,12 +105,6 @@ async def create_app_key(pg_url: str) -> str:
         await conn.close()
     assert app.public_key is not None
     return app.public_key
-
-
-def raise_fd_limit(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < needed:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, needed), hard))
 
 
 def main() -> int:
