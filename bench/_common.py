@@ -338,7 +338,12 @@ class RelayProcess:
         self.proc.start()
         if not self._conn.poll(timeout):
             raise RuntimeError("relay process did not start")
-        self._conn.recv()
+        try:
+            self._conn.recv()
+        except EOFError:
+            raise RuntimeError(
+                f"relay process exited at start (code {self.proc.exitcode}): see its traceback"
+            ) from None
 
     def start_profile(self, output: str) -> None:
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")

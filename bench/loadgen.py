@@ -299,47 +299,52 @@ def op_chat_stats(st: FleetState, cmd: dict[str, Any]) -> dict[str, Any]:
 
 
 def op_db_stats(st: FleetState, cmd: dict[str, Any]) -> dict[str, Any]:
-    """How far the subscribers are; with ``check``: exactly the rows each may read.
+    """How far the subscribers are; the checks: exactly the rows each may read.
 
-    Rows are numbered 0..total-1; with ``mod`` the row n belongs to account
-    ``<prefix><n % mod>``, else every row belongs to ``account``.
+    The phase's rows are numbered base..base+total-1; with ``mod`` the row n belongs to
+    account ``<prefix><n % mod>``, else every row belongs to account ``hot``.
     """
-    total, mod, hot = cmd["total"], cmd.get("mod", 0), cmd.get("account", "")
+    base, total, mod, hot = cmd["base"], cmd["total"], cmd.get("mod", 0), cmd.get("hot", "")
     prefix = cmd.get("account_prefix", "a")
-    res: dict[str, Any] = {"subscribers": len(st.db), "received": len(st.ns), "cpu": self_cpu()}
-    missing = unexpected = 0
-    complete = 0
+    end = base + total
+    missing = unexpected = complete = 0
     problems: list[str] = []
     for sub in st.db:
         if mod:
             k = int(sub.account[len(prefix) :])
-            want = len(range(k, total, mod))
-            wrong = sum(1 for n in sub.seen if n % mod != k or n >= total)
+            want = len(range(base + (k - base) % mod, end, mod))
+            wrong = sum(1 for n in sub.seen if n % mod != k or not base <= n < end)
+        elif sub.account == hot:
+            want = total
+            wrong = sum(1 for n in sub.seen if not base <= n < end)
         else:
-            want = total if sub.account == hot else 0
-            wrong = sum(1 for n in sub.seen if n >= total) if sub.account == hot else len(sub.seen)
+            want, wrong = 0, len(sub.seen)
         got = len(sub.seen) - wrong
         missing += want - got
         unexpected += wrong
         complete += got == want
         if sub.other and len(problems) < 3:
             problems.append(f"{sub.account}: other frame {sub.other[0]!r}")
-    res.update(
-        complete=complete,
-        missing=missing,
-        unexpected=unexpected,
-        dups=sum(s.dups for s in st.db),
-        order_bad=sum(s.order_bad for s in st.db),
-        closed=sum(1 for s in st.sockets if s.closed.done()),
-        problems=problems,
-        last_at=max(st.ts, default=0.0),
-    )
+    res: dict[str, Any] = {
+        "subscribers": len(st.db),
+        "received": len(st.ns),
+        "complete": complete,
+        "missing": missing,
+        "unexpected": unexpected,
+        "dups": sum(s.dups for s in st.db),
+        "order_bad": sum(s.order_bad for s in st.db),
+        "closed": sum(1 for s in st.sockets if s.closed.done()),
+        "problems": problems,
+        "last_at": max(st.ts, default=0.0),
+        "cpu": self_cpu(),
+    }
     if cmd.get("collect"):
         res["ns"], res["ts"] = st.ns.tobytes(), st.ts.tobytes()
         del st.ns[:]
         del st.ts[:]
         for sub in st.db:
             sub.seen.clear()
+            sub.dups = sub.order_bad = 0
     return res
 
 
