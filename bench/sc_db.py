@@ -111,7 +111,7 @@ class Writers:
         cap = max_rows or int(rate * seconds)
         committed = array("d", [math.nan]) * cap
         base, nxt = self.base, 0
-        start = time.monotonic() + 0.02
+        start = time.monotonic()
         end = start + seconds
 
         async def worker(stmt: Any) -> None:
@@ -132,7 +132,7 @@ class Writers:
                     committed[k] = t
 
         await asyncio.gather(*(worker(s) for s in stmts))
-        elapsed = time.monotonic() - start
+        elapsed = max(time.monotonic() - start, 1e-6)
         self.base += nxt + (-nxt) % 100  # the next phase starts on a multiple of 100
         del committed[nxt:]
         return nxt, committed, elapsed

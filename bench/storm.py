@@ -95,18 +95,20 @@ async def storm(
         await asyncio.gather(*(ws.close() for ws in sockets if ws is not None))
 
 
-async def create_app_key(pg_url: str) -> str:
+async def create_app_key(pg_url: str) -> tuple[str, str]:
+    """A second app: its public key, and a session token signed with its own secret."""
     import asyncpg
 
     from relay import plans
+    from relay.auth import mint_token
 
     conn = await asyncpg.connect(pg_url)
     try:
         app = await plans.create_app(conn, "storm")
     finally:
         await conn.close()
-    assert app.public_key is not None
-    return app.public_key
+    assert app.public_key is not None and app.jwt_secret is not None
+    return app.public_key, mint_token(app.jwt_secret, "storm", "1", ttl_seconds=3600)
 
 
 def measure(pg: Postgres, clients: int) -> list[Phase]:
@@ -116,7 +118,7 @@ def measure(pg: Postgres, clients: int) -> list[Phase]:
     # the caps on unauthenticated sockets would refuse most of a storm this big.
     for name in ("", "_PER_APP", "_PER_ADDRESS"):
         os.environ.setdefault(f"RELAY_MAX_UNAUTHENTICATED{name}", "0")
-    key = asyncio.run(create_app_key(pg.url))
+    key, app_token = asyncio.run(create_app_key(pg.url))
     relay = RelayProcess(pg.url)
     relay.start()
     phases = [Phase("connect"), Phase("session"), Phase("app key")]
@@ -125,7 +127,7 @@ def measure(pg: Postgres, clients: int) -> list[Phase]:
         for phase, url, tok in zip(
             phases,
             [relay.ws_url, relay.ws_url, relay.ws_url + "?pk=" + key],
-            [None, session_token, session_token],
+            [None, session_token, app_token],
             strict=True,
         ):
             asyncio.run(storm(relay, url, clients, tok, phase))
