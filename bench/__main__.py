@@ -70,7 +70,7 @@ PROFILES: dict[str, dict[str, tuple[dict[str, Any], float]]] = {
                 "rate": 1000,
                 "seconds": 8,
                 "flat_seconds": 4,
-                "flat_rows": 30000,
+                "flat_rows": 10000,
                 "hot_receivers": 10,
                 "others": [100, 10000],
                 "others_rate": 500,
@@ -106,7 +106,7 @@ PROFILES: dict[str, dict[str, tuple[dict[str, Any], float]]] = {
                 "rate": 1000,
                 "seconds": 4,
                 "flat_seconds": 2,
-                "flat_rows": 10000,
+                "flat_rows": 5000,
                 "hot_receivers": 10,
                 "others": [100, 2000],
                 "others_rate": 500,
@@ -340,6 +340,9 @@ async def main_async(args: argparse.Namespace, names: list[str], out: Path) -> i
         print(header)
         print(f"run time: {elapsed:.0f} s\n")
         print_table(HEADERS, table_rows(rows))
+    notes = [n for name in names for n in (scenarios[name].get("result") or {}).get("notes", [])]
+    for note in notes:
+        print(f"note: {note}")
     if failed:
         print("\nFAILED checks:")
         for r in failed:

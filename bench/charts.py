@@ -87,6 +87,7 @@ def _bars(rows: list[dict[str, Any]], title: str, unit: str, path: Path) -> bool
     ax.legend(fontsize=8)
     ax.grid(True, axis="x", linewidth=0.3)
     fig.tight_layout()
+    fig.subplots_adjust(left=0.3)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True

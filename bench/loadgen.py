@@ -144,6 +144,7 @@ class FleetState:
     ts: array[float] = field(default_factory=lambda: array("d"))
     tokens: list[str] = field(default_factory=list)
     channel: str = ""
+    retried: int = 0  # joins answered "try again" and sent again
 
 
 async def _open_one(st: FleetState, cmd: dict[str, Any], i: int) -> str | None:
@@ -167,12 +168,15 @@ async def _open_one(st: FleetState, cmd: dict[str, Any], i: int) -> str | None:
                 raise RuntimeError(f"auth: {reply}")
             sock_token = reply["data"]
             if cmd["channel"]:
-                ws.send(
-                    json.dumps(
-                        {"type": "join", "data": cmd["channel"], "token": sock_token}
-                    ).encode()
-                )
-                reply = json.loads(await ws.recv())
+                join = {"type": "join", "data": cmd["channel"], "token": sock_token}
+                for attempt in range(1, 6):
+                    ws.send(json.dumps(join).encode())
+                    reply = json.loads(await ws.recv())
+                    if reply["type"] != "error" or "try again" not in reply["data"]:
+                        break
+                    # What a real client does when told to try again; counted and reported.
+                    st.retried += 1
+                    await asyncio.sleep(0.2 * attempt)
                 if reply["type"] != "joined":
                     raise RuntimeError(f"join: {reply}")
     except (OSError, TimeoutError, RuntimeError, ValueError, KeyError) as exc:
@@ -208,10 +212,15 @@ async def op_open(st: FleetState, cmd: dict[str, Any]) -> dict[str, Any]:
 
     # Sockets that must come first/last (publisher, flow-control tail) are opened
     # one by one (concurrency 1), so their order in the fleet is their join order.
-    before = len(st.sockets)
+    before, retried = len(st.sockets), st.retried
     await asyncio.gather(*(one(i) for i in range(cmd["first"], cmd["first"] + cmd["count"])))
     deflate = sum(1 for s in st.sockets[before:] if s.deflate)
-    return {"open": len(st.sockets) - before, "errors": errors, "deflate": deflate}
+    return {
+        "open": len(st.sockets) - before,
+        "errors": errors,
+        "deflate": deflate,
+        "retried": st.retried - retried,
+    }
 
 
 def _publish_frame(st: FleetState, seq: int) -> bytes:
