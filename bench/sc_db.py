@@ -284,7 +284,9 @@ async def one_side(pg: Postgres, side: str, cfg: dict[str, Any]) -> dict[str, An
                 opened = size
                 if out["problems"]:
                     return out
-                await phase(srv.pid, fl, w, side, account="'hot'", rate=200, seconds=0.3, **hot)
+                await phase(
+                    srv.pid, fl, w, side, account="'hot'", rate=200, seconds=cfg["warm"], **hot
+                )
                 out[f"others{size}"] = await phase(
                     srv.pid,
                     fl,

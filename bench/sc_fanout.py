@@ -70,6 +70,7 @@ async def phase(
 ) -> tuple[dict[str, Any], int]:
     """One measured phase; returns its figures and the next seq."""
     within = cmd["seconds"] + 60
+    before = await call_all(all_fleets, op="chat_stats", end_seq=seq)
     cpu0 = cpu_of(srv_pid)
     t0 = time.monotonic()
     res = await asyncio.to_thread(pub.call, within=within, op="publish", start_seq=seq, **cmd)
@@ -102,7 +103,9 @@ async def phase(
     for s in stats:
         lat.frombytes(s["lat"])
     elapsed = max(last - t0, 1e-9)
+    client_cpu = sum(s["cpu"] for s in stats) - sum(s["cpu"] for s in before)
     return {
+        "client_cpu_us_per_delivery": 1e6 * client_cpu / max(received, 1),
         "published": published,
         "deliveries": received,
         "deliveries_per_s": received / elapsed,
@@ -134,6 +137,7 @@ async def one_run(pg: Postgres, side: str, deflate: bool, cfg: dict[str, Any]) -
                 f" {out[mode]['cpu_us_per_delivery']:6.1f} us CPU each"
                 f"  p50 {out[mode]['latency'].get('p50', 0):7.1f} ms"
                 f"  p99 {out[mode]['latency'].get('p99', 0):7.1f} ms"
+                f"  (load generators {out[mode]['client_cpu_us_per_delivery']:.1f} us each)"
                 f"  {check_text(out[mode]['problems'])}",
                 flush=True,
             )
