@@ -26,6 +26,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable
+from typing import cast
 
 Handler = Callable[[bytes, float], None]
 
@@ -84,8 +85,7 @@ class WsClient(asyncio.Protocol):
         return proto
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         key = base64.b64encode(os.urandom(16)).decode()
         head = (
             f"GET {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
@@ -94,7 +94,7 @@ class WsClient(asyncio.Protocol):
         )
         if self.offer_deflate:
             head += f"Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n"
-        transport.write((head + "\r\n").encode())
+        self.transport.write((head + "\r\n").encode())
 
     def _handshake(self, data: bytes) -> bytes:
         self._head += data
