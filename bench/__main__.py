@@ -57,7 +57,7 @@ PROFILES: dict[str, dict[str, tuple[dict[str, Any], float]]] = {
                 "seconds": 4,
                 "rate": 20,
                 "burst": 10,
-                "rounds": 2,
+                "rounds": 3,
                 "deflate": [False, True],
                 "fleets": 2,
             },

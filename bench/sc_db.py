@@ -304,9 +304,7 @@ def _fig(res: dict[str, Any], phase: str, key: str) -> float | None:
     ph = res.get(phase)
     if not ph:
         return None
-    if key in ("p50", "p99"):
-        return ph["latency"].get(key)
-    value: float = ph[key]
+    value: float | None = ph["latency"].get(key) if key in ("p50", "p99") else ph[key]
     return value
 
 

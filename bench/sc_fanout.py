@@ -37,7 +37,7 @@ async def open_members(
     side: str, port: int, pub: Fleet, members: list[Fleet], n: int, deflate: bool
 ) -> list[str]:
     """Publisher first, N-2 members spread over ``members``, the tail last."""
-    common = {
+    common: dict[str, Any] = {
         "op": "open",
         "kind": "relay" if side == "relay" else "bare",
         "port": port,

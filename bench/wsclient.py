@@ -26,7 +26,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 Handler = Callable[[bytes, float], None]
 
@@ -185,9 +185,8 @@ class WsClient(asyncio.Protocol):
     async def recv(self, within: float = 30.0) -> bytes:
         """The next message (only while no handler is set)."""
         get = asyncio.ensure_future(self.queue.get())
-        done, _ = await asyncio.wait(
-            {get, self.closed}, timeout=within, return_when=asyncio.FIRST_COMPLETED
-        )
+        waiting: set[asyncio.Future[Any]] = {get, self.closed}
+        done, _ = await asyncio.wait(waiting, timeout=within, return_when=asyncio.FIRST_COMPLETED)
         if get in done:
             return get.result()
         get.cancel()
