@@ -13,7 +13,7 @@ every expected frame arrived exactly once and in order (a fast wrong answer is a
 
 Output: a header (machine, CPU model, PostgreSQL, relay commit), one table of relay
 beside its same-run baselines, and in ``--out`` (default bench/results/): results.json
-(every figure, every run), table.txt, latency.png, cpu_per_delivery.png, memory.png,
+(every figure, every run), table.txt and table.md, latency.png, cpu_per_delivery.png, memory.png,
 and logs/<scenario>.log (each scenario's full output). Exit status 0 only when every
 scenario completed and every check passed.
 """
@@ -287,6 +287,14 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
 HEADERS = ["scenario", "measure", "relay", "baseline", "baseline is", "relay/base", "check"]
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The same table in Markdown (results/table.md, for the README)."""
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    for cells in table_rows(rows):
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 async def main_async(args: argparse.Namespace, names: list[str], out: Path) -> int:
     profile = PROFILES[args.profile]
     src = relay_source()
@@ -356,6 +364,7 @@ async def main_async(args: argparse.Namespace, names: list[str], out: Path) -> i
         "\nserver CPU: the server process only (psutil//proc), during the measured window."
     )
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(markdown_table(rows))
     if not args.no_charts:
         import charts
 
