@@ -62,8 +62,13 @@ class ChatMember:
         i = p.find(b'"data":"') + 8
         j = p.find(b'"', i)
         sp = p.find(b" ", i, j)
-        seq = int(p[i:sp])
-        self.lat.append(now - float(p[sp + 1 : j]))
+        try:
+            seq = int(p[i:sp])
+            self.lat.append(now - float(p[sp + 1 : j]))
+        except ValueError:
+            self.bad += 1
+            self.problem(f"malformed frame {p[:160]!r}")
+            return
         if seq != self.next_seq:
             self.bad += 1
             self.problem(f"seq {seq}, expected {self.next_seq}")
@@ -104,7 +109,7 @@ class DbSubscriber:
         self.dups = 0
         self.order_bad = 0
         self.other: list[bytes] = []
-        self.last_pos: tuple[int, ...] = ()
+        self.last_pos: Any = ()
 
     def __call__(self, p: bytes, now: float) -> None:
         if b'"type":"db_created"' not in p:
@@ -119,7 +124,11 @@ class DbSubscriber:
         i = p.find(b'"pos":"')
         if i >= 0:
             i += 7
-            pos = tuple(int(x) for x in p[i : p.find(b'"', i)].split(b"-"))
+            raw = p[i : p.find(b'"', i)]
+            try:
+                pos: tuple[int, ...] | tuple[bytes] = tuple(int(x) for x in raw.split(b"-"))
+            except ValueError:  # an opaque pos: compared as a string
+                pos = (raw,)
             if pos <= self.last_pos:
                 self.order_bad += 1
             self.last_pos = pos
