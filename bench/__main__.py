@@ -307,6 +307,7 @@ async def main_async(args: argparse.Namespace, names: list[str], out: Path) -> i
         scenarios: dict[str, Any] = {}
         for name in names:
             cfg, limit = profile[name]
+            limit *= args.limit_factor
             print(f"-- {name} (limit {limit:.0f} s)", flush=True)
             scenarios[name] = await run_scenario(name, cfg, limit, pg, out, src["path"])
     rows: list[dict[str, Any]] = []
@@ -395,6 +396,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="directory for results.json, table.txt, charts, logs (default bench/results)",
     )
     p.add_argument("--no-charts", action="store_true", help="skip the matplotlib charts")
+    p.add_argument(
+        "--limit-factor",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="multiply every scenario's time limit by F (a slower machine: 2)",
+    )
     args = p.parse_args(argv)
     unknown = set(args.only or []) - set(SCENARIOS)
     if unknown:
