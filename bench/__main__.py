@@ -177,16 +177,21 @@ def relay_source() -> dict[str, Any]:
 
 
 def cpu_model() -> str:
+    """The CPU model from /proc/cpuinfo (else lscpu), with its family/model numbers."""
+    info: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in text.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    return "?"
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    if "model name" not in info:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+            for line in text.splitlines():
+                key, _, value = line.partition(":")
+                info.setdefault({"Model name": "model name"}.get(key.strip(), key), value.strip())
+    name = info.get("model name", "?")
+    numbers = [f"{k} {info[k]}" for k in ("cpu family", "model", "stepping") if k in info]
+    return name + (f" ({', '.join(numbers)})" if numbers else "")
 
 
 async def run_scenario(
@@ -303,6 +308,7 @@ async def main_async(args: argparse.Namespace, names: list[str], out: Path) -> i
         pgv = await pg_version(pg.url)
         title = f"relay benchmark ({args.profile}: {', '.join(names)})"
         header = machine_header(title, pgv, ["python -m bench", *sys.argv[1:]])
+        header += f"\ncpu     : {cpu_model()}, {os.cpu_count()} CPUs"
         print(header, flush=True)
         scenarios: dict[str, Any] = {}
         for name in names:
