@@ -387,8 +387,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Run the relay benchmark: every scenario, same-run baselines, one table.",
     )
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_const", dest="profile", const="quick")
-    size.add_argument("--smoke", action="store_const", dest="profile", const="smoke")
+    size.add_argument(
+        "--quick",
+        action="store_const",
+        dest="profile",
+        const="quick",
+        help="the same scenarios, shorter and smaller (under 3 minutes)",
+    )
+    size.add_argument(
+        "--smoke",
+        action="store_const",
+        dest="profile",
+        const="smoke",
+        help="tiny sizes: does everything still work and check out (about a minute)",
+    )
     p.set_defaults(profile="full")
     p.add_argument(
         "--only",
