@@ -350,6 +350,8 @@ async def main_async(args: argparse.Namespace, names: list[str], out: Path) -> i
         "scenarios": scenarios,
     }
     failed = [r for r in rows if r["check"] != "ok"]
+    notes = [n for name in names for n in (scenarios[name].get("result") or {}).get("notes", [])]
+    results["notes"] = notes
     print()
     print(header)
     print(f"run time: {elapsed:.0f} s\n")
@@ -358,7 +360,6 @@ async def main_async(args: argparse.Namespace, names: list[str], out: Path) -> i
         print(header)
         print(f"run time: {elapsed:.0f} s\n")
         print_table(HEADERS, table_rows(rows))
-    notes = [n for name in names for n in (scenarios[name].get("result") or {}).get("notes", [])]
     for note in notes:
         print(f"note: {note}")
     if failed:

@@ -35,8 +35,9 @@ BASELINE = "bare aiohttp"
 
 async def open_members(
     side: str, port: int, pub: Fleet, members: list[Fleet], n: int, deflate: bool
-) -> list[str]:
-    """Publisher first, N-2 members spread over ``members``, the tail last."""
+) -> tuple[list[str], int]:
+    """Publisher first, N-2 members spread over ``members``, the tail last.
+    Returns problems, and on how many sockets permessage-deflate was negotiated."""
     common: dict[str, Any] = {
         "op": "open",
         "kind": "relay" if side == "relay" else "bare",
@@ -62,7 +63,7 @@ async def open_members(
     if total != n:
         errs = {k: v for o in opened for k, v in o["errors"].items()}
         problems.append(f"{total}/{n} sockets joined ({errs})")
-    return problems
+    return problems, sum(o["deflate"] for o in opened)
 
 
 async def phase(
@@ -120,9 +121,10 @@ async def one_run(pg: Postgres, side: str, deflate: bool, cfg: dict[str, Any]) -
     out: dict[str, Any] = {}
     with server(side, pg.url, "chat") as srv, fleets(1 + cfg["fleets"]) as fl:
         pub, members = fl[0], fl[1:]
-        problems = await open_members(side, srv.port, pub, members, n, deflate)
+        problems, negotiated = await open_members(side, srv.port, pub, members, n, deflate)
         if problems:
             return {"open_problems": problems}
+        out["deflate_negotiated"] = negotiated
         seq = 0
         # warm-up: a few publishes, not measured
         warm = {"mode": "bursty", "seconds": 0.3, "burst": cfg["burst"]}
@@ -152,6 +154,14 @@ async def run(pg: Postgres, cfg: dict[str, Any]) -> dict[str, Any]:
                 runs.setdefault((side, deflate), []).append(await one_run(pg, side, deflate, cfg))
     rows: list[Row] = []
     series: dict[str, Any] = {}
+    notes = []
+    if True in cfg["deflate"]:
+        for side, name in (("relay", "the relay"), ("baseline", BASELINE)):
+            got = [r.get("deflate_negotiated", 0) for r in runs[(side, True)]]
+            notes.append(
+                f"clients offering permessage-deflate: {name} negotiated it on"
+                f" {max(got, default=0):,} of {cfg['members']:,} sockets"
+            )
     for deflate in cfg["deflate"]:
         offer = "offering deflate" if deflate else "no deflate"
         for mode in ("bursty", "steady"):
@@ -200,5 +210,6 @@ async def run(pg: Postgres, cfg: dict[str, Any]) -> dict[str, Any]:
     return {
         "rows": [r.as_dict() for r in rows],
         "latency_quantiles_ms": series,
+        "notes": notes,
         "config": cfg,
     }
