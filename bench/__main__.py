@@ -265,6 +265,8 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value:,.0f}"
     if unit == "s":
         return f"{value:.2f} s"
+    if unit == "x":
+        return f"{value:.2f}x"
     text = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.1f}"
     return f"{text} {unit}"
 

@@ -359,6 +359,27 @@ async def run(pg: Postgres, cfg: dict[str, Any]) -> dict[str, Any]:
                 side: res[side].get(ph, {}).get("latency", {}).get("quantiles", [])
                 for side in ("relay", "baseline")
             }
+    # Independent of channel size: the per-event cost with many others over that with few.
+    small_k, large_k = f"others{small}", f"others{large}"
+    growth: dict[str, float | None] = {}
+    for side in ("relay", "baseline"):
+        a, b = (
+            _fig(res[side], small_k, "cpu_us_per_event"),
+            _fig(res[side], large_k, "cpu_us_per_event"),
+        )
+        growth[side] = b / a if a and b else None
+    rows.append(
+        Row(
+            f"db per-event cost growth, {small:,} -> {large:,} others",
+            "CPU per event, ratio",
+            growth["relay"],
+            growth["baseline"],
+            BASELINE,
+            "x",
+            "lower",
+            rows[-1].check,
+        )
+    )
     return {
         "rows": [r.as_dict() for r in rows],
         "latency_quantiles_ms": series,
