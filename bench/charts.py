@@ -63,29 +63,45 @@ def latency_chart(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def _bars(rows: list[dict[str, Any]], title: str, unit: str, path: Path) -> bool:
-    rows = [r for r in rows if r["relay"] is not None or r["baseline"] is not None]
-    if not rows:
+def _bars(groups: list[tuple[str, list[dict[str, Any]]]], unit: str, path: Path) -> bool:
+    """Horizontal bars, relay beside baseline, one panel (own scale) per group."""
+    groups = [
+        (t, [r for r in rows if r["relay"] is not None or r["baseline"] is not None])
+        for t, rows in groups
+    ]
+    groups = [(t, rows) for t, rows in groups if rows]
+    if not groups:
         return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(12, 0.55 * len(rows) + 1.6))
-    ys = list(range(len(rows)))
-    h = 0.38
-    for off, side in ((-h / 2, "relay"), (h / 2, "baseline")):
-        vals = [r[side] or 0.0 for r in rows]
-        bars = ax.barh([y + off for y in ys], vals, height=h, color=COLORS[side], label=side)
-        for b, v in zip(bars, vals, strict=True):
-            if v:
-                ax.text(b.get_width(), b.get_y() + h / 2, f" {v:.1f}", va="center", fontsize=7)
-    ax.set_yticks(ys)
-    ax.set_yticklabels(
-        [f"{r['scenario']}\n(baseline: {r['baseline_name']})" for r in rows], fontsize=7
+    heights = [len(rows) + 1 for _, rows in groups]
+    fig, axes = plt.subplots(
+        len(groups),
+        1,
+        figsize=(12, 0.55 * sum(heights) + 1.0),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
     )
-    ax.invert_yaxis()
-    ax.set_xlabel(unit)
-    ax.set_title(title, fontsize=11)
-    ax.legend(fontsize=8)
-    ax.grid(True, axis="x", linewidth=0.3)
+    h = 0.38
+    for ax, (title, rows) in zip(axes[:, 0], groups, strict=True):
+        ys = list(range(len(rows)))
+        for off, side in ((-h / 2, "relay"), (h / 2, "baseline")):
+            vals = [r[side] or 0.0 for r in rows]
+            bars = ax.barh([y + off for y in ys], vals, height=h, color=COLORS[side], label=side)
+            for bar, v in zip(bars, vals, strict=True):
+                if v:
+                    y = bar.get_y() + h / 2
+                    ax.text(bar.get_width(), y, f" {v:.1f}", va="center", fontsize=7)
+        top = max((r[side] or 0.0) for r in rows for side in ("relay", "baseline"))
+        ax.set_xlim(0, top * 1.25 or 1)
+        ax.set_yticks(ys)
+        ax.set_yticklabels(
+            [f"{r['scenario']}\n(baseline: {r['baseline_name']})" for r in rows], fontsize=7
+        )
+        ax.invert_yaxis()
+        ax.set_xlabel(unit, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(True, axis="x", linewidth=0.3)
     fig.tight_layout()
     fig.subplots_adjust(left=0.3)
     fig.savefig(path, dpi=90)
@@ -99,18 +115,17 @@ def draw(results: dict[str, Any], out: Path) -> list[Path]:
     written = []
     if latency_chart(results, out / "latency.png"):
         written.append(out / "latency.png")
-    cpu = [r for r in rows if r["measure"] in ("server CPU per delivery", "server CPU per event")]
-    if _bars(
-        cpu,
-        "server CPU per delivery / per event (lower is better)",
-        "us",
-        out / "cpu_per_delivery.png",
-    ):
+    per_delivery = [r for r in rows if r["measure"] == "server CPU per delivery"]
+    per_event = [r for r in rows if r["measure"] == "server CPU per event"]
+    groups = [
+        ("server CPU per delivery (lower is better)", per_delivery),
+        ("server CPU per event (10 receivers each; lower is better)", per_event),
+    ]
+    if _bars(groups, "us", out / "cpu_per_delivery.png"):
         written.append(out / "cpu_per_delivery.png")
     mem = [r for r in rows if r["measure"] == "server USS per socket"]
-    if _bars(
-        mem, "server memory per idle joined socket (lower is better)", "KB", out / "memory.png"
-    ):
+    title = "server memory per idle joined socket (lower is better)"
+    if _bars([(title, mem)], "KB", out / "memory.png"):
         written.append(out / "memory.png")
     return written
 
