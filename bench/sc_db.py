@@ -17,6 +17,10 @@ row (``data.n``) and note when its transaction's COMMIT returned.
            then the large count, same server): server CPU per event, which should not
            depend on how many sockets are in the channel.
 
+rate and flat run with the relay and the baseline server both up (each with its own
+subscribers, load generators and table), interleaved relay, baseline, relay, ... for
+``rounds`` rounds; the table shows medians. others runs once per side.
+
 Checks, per subscriber: exactly the rows of its account, each once (a set per socket),
 none of another account's; for the relay ``pos`` strictly increasing (commit order).
 Server CPU is read from /proc during each phase (writes until the last delivery).
@@ -32,7 +36,7 @@ from typing import Any
 
 import asyncpg
 from _common import Postgres, create_notify_table
-from _harness import Row, check_text, cpu_of, fleets, latency_summary, server
+from _harness import Row, check_text, cpu_of, fleets, latency_summary, median, server
 from baseline import NOTIFY_CHANNEL
 from loadgen import Fleet, call_all
 
@@ -217,66 +221,88 @@ async def phase(
     return out
 
 
-async def one_side(pg: Postgres, side: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    table = REPO if side == "relay" else NOTIFY_TABLE
-    out: dict[str, Any] = {"problems": [], "others_problems": []}
+async def main_phases(pg: Postgres, cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """rate, flat1 and flat100 with both servers up, interleaved relay, baseline, relay, ...
+
+    Each side has its own subscribers, load generators and table (the relay's watched
+    table, the baseline's notify-trigger table), so a phase wakes only its own server.
+    Every phase's figures are kept; the table shows medians over the rounds."""
     mod = cfg["accounts"]
     per_row = cfg["subscribers"] // mod
     spread = {"check": {"mod": mod, "account_prefix": "a"}, "receivers_per_row": per_row}
     spread_sql = f"'a' || (($1::int + g) % {mod})"
+    who = {"user_prefix": "s", "account_prefix": "a", "accounts": mod}
+    out: dict[str, dict[str, Any]] = {s: {"problems": []} for s in ("relay", "baseline")}
+    async with (
+        Writers(pg.url, REPO, cfg["writers"], cfg["payload_bytes"]) as w_relay,
+        Writers(pg.url, NOTIFY_TABLE, cfg["writers"], cfg["payload_bytes"]) as w_base,
+    ):
+        with (
+            server("relay", pg.url, "db", REPO) as relay,
+            server("baseline", pg.url, "db", REPO) as base,
+            fleets(cfg["fleets"]) as fl_relay,
+            fleets(cfg["fleets"]) as fl_base,
+        ):
+            sides = {
+                "relay": (relay, fl_relay, w_relay),
+                "baseline": (base, fl_base, w_base),
+            }
+            for side, (srv, fl, _) in sides.items():
+                out[side]["problems"] += await open_subs(
+                    side, srv.port, fl, cfg["subscribers"], 0, **who
+                )
+            if out["relay"]["problems"] or out["baseline"]["problems"]:
+                return out
+            for side, (srv, fl, w) in sides.items():  # warm-up, not measured
+                await phase(
+                    srv.pid,
+                    fl,
+                    w,
+                    side,
+                    account=spread_sql,
+                    rate=200,
+                    seconds=cfg["warm"],
+                    **spread,
+                )
+            plans: list[tuple[str, dict[str, Any]]] = [
+                ("rate", {"rate": cfg["rate"], "seconds": cfg["seconds"]}),
+                (
+                    "flat1",
+                    {"rate": 0, "seconds": cfg["flat_seconds"], "max_rows": cfg["flat_rows"]},
+                ),
+                (
+                    "flat100",
+                    {
+                        "rate": 0,
+                        "seconds": cfg["flat_seconds"],
+                        "max_rows": cfg["flat_rows"],
+                        "batch": 100,
+                    },
+                ),
+            ]
+            for name, kw in plans:
+                for _ in range(cfg["rounds"]):
+                    for side, (srv, fl, w) in sides.items():
+                        ph = await phase(srv.pid, fl, w, side, account=spread_sql, **kw, **spread)
+                        out[side].setdefault(name, []).append(ph)
+                        achieved = ph["rows_per_s_written"]
+                        if name == "rate" and achieved < 0.9 * cfg["rate"]:
+                            NOTES.append(
+                                f"{side}: the writers achieved {achieved:,.0f} of"
+                                f" {cfg['rate']:,.0f} rows/s in a fixed-rate run (machine busy)"
+                            )
+    return out
+
+
+async def others_phases(pg: Postgres, side: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """A fresh server: hot receivers of one account, beside few then many other subscribers."""
+    table = REPO if side == "relay" else NOTIFY_TABLE
+    out: dict[str, Any] = {"problems": []}
+    hot = {"check": {"hot": "hot"}, "receivers_per_row": cfg["hot_receivers"]}
     async with Writers(pg.url, table, cfg["writers"], cfg["payload_bytes"]) as w:
         with server(side, pg.url, "db", REPO) as srv, fleets(cfg["fleets"]) as fl:
-            who = {"user_prefix": "s", "account_prefix": "a", "accounts": mod}
-            out["problems"] += await open_subs(side, srv.port, fl, cfg["subscribers"], 0, **who)
-            if out["problems"]:
-                return out
-            # warm-up (prepared statements, first frames), not measured
-            await phase(srv.pid, fl, w, side, account=spread_sql, rate=200, seconds=0.5, **spread)
-            out["rate"] = await phase(
-                srv.pid,
-                fl,
-                w,
-                side,
-                account=spread_sql,
-                rate=cfg["rate"],
-                seconds=cfg["seconds"],
-                **spread,
-            )
-            achieved = out["rate"]["rows_per_s_written"]
-            if achieved < 0.9 * cfg["rate"]:
-                NOTES.append(
-                    f"{side}: the writers achieved {achieved:,.0f} of {cfg['rate']:,.0f} rows/s"
-                    " in the fixed-rate phase (the machine was busy)"
-                )
-            out["flat1"] = await phase(
-                srv.pid,
-                fl,
-                w,
-                side,
-                account=spread_sql,
-                rate=0,
-                seconds=cfg["flat_seconds"],
-                max_rows=cfg["flat_rows"],
-                **spread,
-            )
-            out["flat100"] = await phase(
-                srv.pid,
-                fl,
-                w,
-                side,
-                account=spread_sql,
-                rate=0,
-                seconds=cfg["flat_seconds"],
-                batch=100,
-                max_rows=cfg["flat_rows"],
-                **spread,
-            )
-        with server(side, pg.url, "db", REPO) as srv, fleets(cfg["fleets"]) as fl:
-            hot = {"check": {"hot": "hot"}, "receivers_per_row": cfg["hot_receivers"]}
             who = {"user_prefix": "h", "account": "hot", "account_prefix": "", "accounts": 1}
-            out["others_problems"] += await open_subs(
-                side, srv.port, fl, cfg["hot_receivers"], 0, **who
-            )
+            out["problems"] += await open_subs(side, srv.port, fl, cfg["hot_receivers"], 0, **who)
             opened = 0
             for size in cfg["others"]:
                 who = {"user_prefix": "o", "account_prefix": "other", "accounts": 1000}
@@ -287,30 +313,45 @@ async def one_side(pg: Postgres, side: str, cfg: dict[str, Any]) -> dict[str, An
                 await phase(
                     srv.pid, fl, w, side, account="'hot'", rate=200, seconds=cfg["warm"], **hot
                 )
-                out[f"others{size}"] = await phase(
-                    srv.pid,
-                    fl,
-                    w,
-                    side,
-                    account="'hot'",
-                    rate=cfg["others_rate"],
-                    seconds=cfg["others_seconds"],
-                    **hot,
-                )
+                out[f"others{size}"] = [
+                    await phase(
+                        srv.pid,
+                        fl,
+                        w,
+                        side,
+                        account="'hot'",
+                        rate=cfg["others_rate"],
+                        seconds=cfg["others_seconds"],
+                        **hot,
+                    )
+                ]
     return out
 
 
 def _fig(res: dict[str, Any], phase: str, key: str) -> float | None:
-    ph = res.get(phase)
-    if not ph:
-        return None
-    value: float | None = ph["latency"].get(key) if key in ("p50", "p99") else ph[key]
-    return value
+    """The median over a phase's runs of one figure (None if the phase did not run)."""
+    values = []
+    for ph in res.get(phase) or []:
+        v = ph["latency"].get(key) if key in ("p50", "p99") else ph[key]
+        if v is not None:
+            values.append(float(v))
+    return median(values) if values else None
+
+
+def _runs(res: dict[str, Any], phase: str, key: str) -> list[float]:
+    return [
+        float(ph["latency"].get(key, math.nan) if key in ("p50", "p99") else ph[key])
+        for ph in res.get(phase) or []
+    ]
 
 
 async def run(pg: Postgres, cfg: dict[str, Any]) -> dict[str, Any]:
     await setup(pg.url)
-    res = {side: await one_side(pg, side, cfg) for side in ("relay", "baseline")}
+    res = await main_phases(pg, cfg)
+    for side in ("relay", "baseline"):
+        others = await others_phases(pg, side, cfg)
+        res[side]["others_problems"] = others.pop("problems")
+        res[side].update(others)
     rows: list[Row] = []
     n_subs = f"{cfg['subscribers']:,} subs/{cfg['accounts']} accounts"
     small, large = cfg["others"][0], cfg["others"][-1]
@@ -340,7 +381,8 @@ async def run(pg: Postgres, cfg: dict[str, Any]) -> dict[str, Any]:
         problems = [
             p
             for side in ("relay", "baseline")
-            for p in res[side][opening] + res[side].get(ph, {}).get("problems", [])
+            for p in res[side][opening]
+            + [q for run in res[side].get(ph) or [] for q in run["problems"]]
         ]
         rows.append(
             Row(
@@ -352,11 +394,12 @@ async def run(pg: Postgres, cfg: dict[str, Any]) -> dict[str, Any]:
                 unit,
                 better,
                 check_text(problems),
+                {side: _runs(res[side], ph, key) for side in ("relay", "baseline")},
             )
         )
         if key == "p50":
             series[label] = {
-                side: res[side].get(ph, {}).get("latency", {}).get("quantiles", [])
+                side: (res[side].get(ph) or [{}])[-1].get("latency", {}).get("quantiles", [])
                 for side in ("relay", "baseline")
             }
     # Independent of channel size: the per-event cost with many others over that with few.
