@@ -6,7 +6,7 @@ reported as TIMEOUT); each scenario starts the relay (``RelayProcess``), the sam
 baseline servers and the load generators in processes of their own, and checks that
 every expected frame arrived exactly once and in order (a fast wrong answer is a FAIL).
 
-    python -m bench                    # everything, about 8-10 minutes on 2 cores
+    python -m bench                    # everything, about 7-9 minutes on 2 cores
     python -m bench --quick            # shorter and smaller, under 3 minutes
     python -m bench --only fanout,db   # some scenarios (memory fanout db catchup storm write_cost)
     python -m bench --smoke            # tiny sizes, ~1 minute: does it all still work?
