@@ -268,7 +268,7 @@ async def op_publish(st: FleetState, cmd: dict[str, Any]) -> dict[str, Any]:
     """
     pub, tail = st.sockets[0], st.chat[-1]
     seq = start = cmd["start_seq"]
-    seconds, within = cmd["seconds"], cmd.get("within", 30.0)
+    seconds, within = cmd["seconds"], cmd.get("tail_within", 10.0)
     failure = ""
     t0 = time.monotonic()
     end = t0 + seconds

@@ -44,6 +44,7 @@ REPO = "dbev_760_"
 NOTIFY_TABLE = "dbev_notify"
 BASELINE = "pg_notify trigger + naive filter"
 NOTES: list[str] = []
+STALL = 5.0  # seconds without a new delivery after which a phase stops waiting
 INSERT = """
 INSERT INTO {table} (account_id, owner_id, data)
 SELECT {account}, 'writer', jsonb_build_object('n', $1::int + g, 'pad', $2::text)
@@ -169,9 +170,15 @@ async def phase(
     want = rows * receivers_per_row
     deadline = time.monotonic() + drain
     check = {**check, "base": base, "total": rows}
+    seen, moved = -1, time.monotonic()
     while True:
         stats = await call_all(fl, op="db_stats", **check)
-        if sum(s["received"] for s in stats) >= want or time.monotonic() > deadline:
+        got = sum(s["received"] for s in stats)
+        now = time.monotonic()
+        if got != seen:
+            seen, moved = got, now
+        # done, or out of time, or nothing new for STALL seconds (a frame that is missing)
+        if got >= want or now > deadline or now - moved > STALL:
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.2)  # anything extra (a duplicate) arrives now, or is not counted
@@ -253,17 +260,10 @@ async def main_phases(pg: Postgres, cfg: dict[str, Any]) -> dict[str, dict[str, 
                 )
             if out["relay"]["problems"] or out["baseline"]["problems"]:
                 return out
-            for side, (srv, fl, w) in sides.items():  # warm-up, not measured
-                await phase(
-                    srv.pid,
-                    fl,
-                    w,
-                    side,
-                    account=spread_sql,
-                    rate=200,
-                    seconds=cfg["warm"],
-                    **spread,
-                )
+            for side, (srv, fl, w) in sides.items():  # warm-up: not measured, but checked
+                warm = {"rate": 200, "seconds": cfg["warm"]}
+                ph = await phase(srv.pid, fl, w, side, account=spread_sql, **warm, **spread)
+                out[side]["problems"] += ph["problems"]
             plans: list[tuple[str, dict[str, Any]]] = [
                 ("rate", {"rate": cfg["rate"], "seconds": cfg["seconds"]}),
                 (
@@ -310,9 +310,10 @@ async def others_phases(pg: Postgres, side: str, cfg: dict[str, Any]) -> dict[st
                 opened = size
                 if out["problems"]:
                     return out
-                await phase(
+                warm = await phase(
                     srv.pid, fl, w, side, account="'hot'", rate=200, seconds=cfg["warm"], **hot
                 )
+                out["problems"] += warm["problems"]
                 out[f"others{size}"] = [
                     await phase(
                         srv.pid,

@@ -74,13 +74,20 @@ async def phase(
     before = await call_all(all_fleets, op="chat_stats", end_seq=seq)
     cpu0 = cpu_of(srv_pid)
     t0 = time.monotonic()
-    res = await asyncio.to_thread(pub.call, within=within, op="publish", start_seq=seq, **cmd)
+    res = await asyncio.to_thread(
+        pub.call, within=within, op="publish", start_seq=seq, tail_within=10.0, **cmd
+    )
     end_seq = res["end_seq"]
     problems = [res["failure"]] if res["failure"] else []
     deadline = time.monotonic() + 30
+    seen, moved = -1, time.monotonic()
     while True:
         stats = await call_all(all_fleets, op="chat_stats", end_seq=end_seq)
-        if sum(s["done"] for s in stats) >= n or time.monotonic() > deadline:
+        got, now = sum(s["received"] for s in stats), time.monotonic()
+        if got != seen:
+            seen, moved = got, now
+        # done, or out of time, or nothing new for 5 s (a frame that is missing)
+        if sum(s["done"] for s in stats) >= n or now > deadline or now - moved > 5:
             break
         await asyncio.sleep(0.05)
     cpu = cpu_of(srv_pid) - cpu0
@@ -128,7 +135,9 @@ async def one_run(pg: Postgres, side: str, deflate: bool, cfg: dict[str, Any]) -
         seq = 0
         # warm-up: a few publishes, not measured
         warm = {"mode": "bursty", "seconds": 0.3, "burst": cfg["burst"]}
-        _, seq = await phase(srv.pid, pub, fl, n, warm, seq)
+        warmed, seq = await phase(srv.pid, pub, fl, n, warm, seq)
+        if warmed["problems"]:
+            return {"open_problems": ["warm-up: " + p for p in warmed["problems"]]}
         for mode in ("bursty", "steady"):
             cmd = {"mode": mode, "seconds": cfg["seconds"], "burst": cfg["burst"]}
             cmd["rate"] = cfg["rate"]
