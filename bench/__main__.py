@@ -193,7 +193,8 @@ async def main_async(args: argparse.Namespace, names: list[str], out: Path) -> i
     with embedded_pg() as pg:
         pgv = await pg_version(pg.url)
         title = f"relay benchmark ({args.profile}: {', '.join(names)})"
-        header = machine_header(title, pgv, ["python -m bench", *sys.argv[1:]])
+        how = ["python -m bench"] if __package__ == "bench" else ["python", sys.argv[0]]
+        header = machine_header(title, pgv, [*how, *sys.argv[1:]])
         header += f"\ncpu     : {cpu_model()}, {os.cpu_count()} CPUs"
         print(header, flush=True)
         scenarios: dict[str, Any] = {}
