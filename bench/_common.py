@@ -253,9 +253,30 @@ def free_port() -> int:
 # --------------------------------------------------------------------------- relay process
 
 
-def _relay_main(url: str, port: int, poll_seconds: float, conn: Any) -> None:
+def raise_fd_limit(needed: int | None = None) -> None:
+    """Raise this process's soft limit on open files (to the hard limit by default)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if needed is None else min(hard, needed)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+# Settings the benchmark gives the relay so that its per-app caps and rate limits do not
+# get in the way of load generators: one address opens thousands of sockets and one
+# publisher sends as fast as it can. Every other setting keeps its default.
+BENCH_RELAY_ENV = {
+    "RELAY_MESSAGES_PER_SECOND": "0",
+    "RELAY_MAX_UNAUTHENTICATED": "0",
+    "RELAY_MAX_UNAUTHENTICATED_PER_APP": "0",
+    "RELAY_MAX_UNAUTHENTICATED_PER_ADDRESS": "0",
+}
+
+
+def _relay_main(url: str, port: int, poll_seconds: float, env: dict[str, str], conn: Any) -> None:
     """Child process: serve the relay app until the parent sends 'stop'."""
     quiet_logs()
+    raise_fd_limit()
+    os.environ.update(env)
     from aiohttp import web
 
     from relay.config import Settings
@@ -291,15 +312,23 @@ class RelayProcess:
     and write collapsed stacks to a file; :func:`profile_summary` condenses them.
     """
 
-    def __init__(self, url: str, poll_seconds: float = 1.0) -> None:
+    def __init__(
+        self, url: str, poll_seconds: float = 1.0, env: dict[str, str] | None = None
+    ) -> None:
+        """``env``: RELAY_* settings for the relay process (on top of this environment)."""
         self.url = url
         self._spy: subprocess.Popen[bytes] | None = None
         self.port = free_port()
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self.proc = ctx.Process(
-            target=_relay_main, args=(url, self.port, poll_seconds, child), daemon=True
+            target=_relay_main, args=(url, self.port, poll_seconds, env or {}, child), daemon=True
         )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc.pid is not None
+        return self.proc.pid
 
     @property
     def ws_url(self) -> str:
@@ -309,7 +338,12 @@ class RelayProcess:
         self.proc.start()
         if not self._conn.poll(timeout):
             raise RuntimeError("relay process did not start")
-        self._conn.recv()
+        try:
+            self._conn.recv()
+        except EOFError:
+            raise RuntimeError(
+                f"relay process exited at start (code {self.proc.exitcode}): see its traceback"
+            ) from None
 
     def start_profile(self, output: str) -> None:
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")

@@ -35,7 +35,7 @@ import argparse
 import asyncio
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiohttp
@@ -235,7 +235,9 @@ class Row:
     check: str = ""
 
 
-async def run(args: argparse.Namespace, pg: Postgres) -> int:
+async def run(args: argparse.Namespace, pg: Postgres) -> dict[str, Any]:
+    """Measure and print; returns {"status": exit status, "rows": [Row as a dict, ...]}
+    (the first row is the SQL baseline, the second the replay)."""
     from relay.repos import create_repo
 
     admin = await asyncpg.connect(pg.url)
@@ -263,7 +265,7 @@ async def run(args: argparse.Namespace, pg: Postgres) -> int:
             print(f"joined frame: pos={after!r}; client away", flush=True)
             if not after:
                 print("the joined frame carries no pos: resume cannot be measured")
-                return 1
+                return {"status": 1, "rows": [], "error": "the joined frame carries no pos"}
 
             # 2. Write N events while it is away; wait until the relay has them.
             t = time.monotonic()
@@ -310,7 +312,7 @@ async def run(args: argparse.Namespace, pg: Postgres) -> int:
             first = await c.recv(30)
             if first["type"] != "joined":
                 print(f"join with after={after!r} refused: {first}")
-                return 1
+                return {"status": 1, "rows": [], "error": f"join with after refused: {first}"}
             await rcv.run(c, idle_timeout=30)
             meter.stop()
             results.append(
@@ -382,7 +384,7 @@ async def run(args: argparse.Namespace, pg: Postgres) -> int:
     )
     if args.profile_relay:
         print("\n" + profile_summary(args.profile_relay))
-    return status
+    return {"status": status, "rows": [asdict(r) for r in results]}
 
 
 def replay_row(
@@ -534,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_logs()
     with embedded_pg() as pg:
-        return asyncio.run(run(args, pg))
+        status: int = asyncio.run(run(args, pg))["status"]
+        return status
 
 
 if __name__ == "__main__":

@@ -27,12 +27,13 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from _common import (
+    Postgres,
     RelayProcess,
     embedded_pg,
     machine_header,
@@ -40,6 +41,7 @@ from _common import (
     pg_version,
     print_table,
     quiet_logs,
+    raise_fd_limit,
     token,
 )
 
@@ -93,61 +95,70 @@ async def storm(
         await asyncio.gather(*(ws.close() for ws in sockets if ws is not None))
 
 
-async def create_app_key(pg_url: str) -> str:
+async def create_app_key(pg_url: str) -> tuple[str, str]:
+    """A second app: its public key, and a session token signed with its own secret."""
     import asyncpg
 
     from relay import plans
+    from relay.auth import mint_token
 
     conn = await asyncpg.connect(pg_url)
     try:
         app = await plans.create_app(conn, "storm")
     finally:
         await conn.close()
-    assert app.public_key is not None
-    return app.public_key
+    assert app.public_key is not None and app.jwt_secret is not None
+    return app.public_key, mint_token(app.jwt_secret, "storm", "1", ttl_seconds=3600)
 
 
-def raise_fd_limit(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < needed:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, needed), hard))
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=2000)
-    args = parser.parse_args()
-    quiet_logs()
-    raise_fd_limit(2 * args.clients + 256)  # inherited by the relay process
+def measure(pg: Postgres, clients: int) -> list[Phase]:
+    """The three storms against one relay process (this process is the client side)."""
+    raise_fd_limit(2 * clients + 256)  # inherited by the relay process
     # Every client here is one app's, from one address, unauthenticated at first:
     # the caps on unauthenticated sockets would refuse most of a storm this big.
     for name in ("", "_PER_APP", "_PER_ADDRESS"):
         os.environ.setdefault(f"RELAY_MAX_UNAUTHENTICATED{name}", "0")
-    with embedded_pg() as pg:
-        print(machine_header("connection storm", asyncio.run(pg_version(pg.url))))
-        key = asyncio.run(create_app_key(pg.url))
-        relay = RelayProcess(pg.url)
-        relay.start()
-        try:
-            phases = [Phase("connect"), Phase("session"), Phase("app key")]
-            session_token = token("storm", "1", ttl_seconds=3600)
-            for phase, url, tok in zip(
-                phases,
-                [relay.ws_url, relay.ws_url, relay.ws_url + "?pk=" + key],
-                [None, session_token, session_token],
-                strict=True,
-            ):
-                asyncio.run(storm(relay, url, args.clients, tok, phase))
-                time.sleep(1.0)  # let the relay settle the closes before the next storm
-        finally:
-            relay.stop()
+    key, app_token = asyncio.run(create_app_key(pg.url))
+    relay = RelayProcess(pg.url)
+    relay.start()
+    phases = [Phase("connect"), Phase("session"), Phase("app key")]
+    try:
+        session_token = token("storm", "1", ttl_seconds=3600)
+        for phase, url, tok in zip(
+            phases,
+            [relay.ws_url, relay.ws_url, relay.ws_url + "?pk=" + key],
+            [None, session_token, app_token],
+            strict=True,
+        ):
+            asyncio.run(storm(relay, url, clients, tok, phase))
+            time.sleep(1.0)  # let the relay settle the closes before the next storm
+    finally:
+        relay.stop()
+    return phases
+
+
+def report(phases: list[Phase], clients: int) -> list[dict[str, Any]]:
+    """Print the table; return one dict of figures per phase."""
     rows = []
+    figures = []
     for p in phases:
         ready = sorted(p.ready)
+        figures.append(
+            {
+                "phase": p.name,
+                "ready": len(ready),
+                "clients": clients,
+                "seconds": p.seconds,
+                "cpu_us_per_client": 1e6 * p.cpu / max(1, len(ready)),
+                "p50_ms": 1000 * percentile(ready, 50),
+                "p99_ms": 1000 * percentile(ready, 99),
+                "failures": p.failures,
+            }
+        )
         rows.append(
             [
                 p.name,
-                f"{len(ready)}/{args.clients}",
+                f"{len(ready)}/{clients}",
                 f"{p.seconds:.2f}",
                 f"{len(ready) / p.seconds:.0f}" if p.seconds else "-",
                 *(f"{1000 * percentile(ready, q):.0f}" for q in (50, 90, 99, 100)),
@@ -169,10 +180,23 @@ def main() -> int:
         ],
         rows,
     )
-    failed = {f"{p.name}: {k}": v for p in phases for k, v in p.failures.items()}
-    for what, count in failed.items():
-        print(f"FAILED {count}x {what}")
-    return 1 if failed else 0
+    for p in phases:
+        for what, count in p.failures.items():
+            print(f"FAILED {count}x {p.name}: {what}")
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=2000)
+    args = parser.parse_args()
+    quiet_logs()
+    raise_fd_limit(2 * args.clients + 256)
+    with embedded_pg() as pg:
+        print(machine_header("connection storm", asyncio.run(pg_version(pg.url))))
+        phases = measure(pg, args.clients)
+    report(phases, args.clients)
+    return 1 if any(p.failures for p in phases) else 0
 
 
 if __name__ == "__main__":

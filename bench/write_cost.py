@@ -325,13 +325,17 @@ def fmt_ratio(x: float) -> str:
     return f"{x:.2f}x"
 
 
-def report(results: list[list[Result]], configs: list[str], batches: list[int]) -> None:
-    """results[round] -> list of Result; medians over rounds, ratios per round then median."""
+def report(
+    results: list[list[Result]], configs: list[str], batches: list[int]
+) -> list[dict[str, Any]]:
+    """results[round] -> list of Result; medians over rounds, ratios per round then median.
+    Prints the table and returns its figures, one dict per (configuration, batch)."""
 
     def med(values: list[float]) -> float:
         return statistics.median(values) if values else float("nan")
 
     rows = []
+    figures: list[dict[str, Any]] = []
     for batch in batches:
         for config in configs:
             per_round = []
@@ -354,6 +358,17 @@ def report(results: list[list[Result]], configs: list[str], batches: list[int]) 
                 last = cons[-1]
                 caught = f"{last.consumed}/{last.written_total} +{last.drain_seconds:.1f}s"
             ticks = med([(m.ticks or 0) / m.seconds for m in ms])
+            figures.append(
+                {
+                    "config": config,
+                    "batch": batch,
+                    "rows_per_s": rate,
+                    "vs_unwatched": ratio,
+                    "pg_us_per_row": pg_us,
+                    "runs": [m.rate for m in ms],
+                    "pg_us_runs": [m.pg_us_per_row for m in ms],
+                }
+            )
             rows.append(
                 [
                     config,
@@ -385,9 +400,11 @@ def report(results: list[list[Result]], configs: list[str], batches: list[int]) 
         ],
         rows,
     )
+    return figures
 
 
-async def run(args: argparse.Namespace, pg: Postgres) -> None:
+async def run(args: argparse.Namespace, pg: Postgres) -> list[dict[str, Any]]:
+    """Measure and print; returns the figures of :func:`report`."""
     configs = [c for c in CONFIGS if c in args.configs]
     if "unwatched" not in configs:
         configs.insert(0, "unwatched")  # the baseline is always measured
@@ -423,7 +440,7 @@ async def run(args: argparse.Namespace, pg: Postgres) -> None:
                 )
         results.append(this_round)
     print()
-    report(results, configs, args.batch_sizes)
+    figures = report(results, configs, args.batch_sizes)
     print()
     print(
         "rows/s: rows committed during the window by all writers (median over rounds; ratios are\n"
@@ -438,6 +455,7 @@ async def run(args: argparse.Namespace, pg: Postgres) -> None:
         "waiting for the next statement, 'CPU' = running, else PostgreSQL's wait event;\n"
         "Lock:object is the cluster-wide lock every NOTIFYing transaction takes to commit)."
     )
+    return figures
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
