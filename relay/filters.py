@@ -112,10 +112,12 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-def _as_number(value: Any) -> Decimal:
+def _as_number(value: Any) -> tuple[int, Decimal]:
+    """A number as PostgreSQL orders it: NaN equals NaN and sorts above every other value."""
     if isinstance(value, bool):
         raise TypeError("not a number")
-    return Decimal(str(value))
+    number = Decimal(str(value))
+    return (1, _ZERO) if number.is_nan() else (0, number)
 
 
 def _as_bool(value: Any) -> bool:
@@ -129,9 +131,13 @@ def _as_bool(value: Any) -> bool:
     raise ValueError("not a boolean")
 
 
-def _as_instant(value: Any) -> datetime.datetime:
-    """Dates and times as instants; a value without a zone is read as UTC."""
-    text = str(value).strip().replace(" ", "T", 1)
+def _as_instant(value: Any) -> tuple[int, datetime.datetime]:
+    """Dates and times as instants, ordered as PostgreSQL orders them (``-infinity``
+    before every instant, ``infinity`` after); a value without a zone is read as UTC."""
+    text = str(value).strip()
+    if text.lower() in _INFINITIES:
+        return _INFINITIES[text.lower()], _EPOCH
+    text = text.replace(" ", "T", 1)
     try:
         moment = datetime.datetime.fromisoformat(text)
     except ValueError:
@@ -139,7 +145,12 @@ def _as_instant(value: Any) -> datetime.datetime:
         moment = datetime.datetime(day.year, day.month, day.day)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.UTC)
-    return moment
+    return 0, moment
+
+
+_ZERO = Decimal(0)
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+_INFINITIES = {"infinity": 1, "+infinity": 1, "-infinity": -1}
 
 
 def _as_folded_text(value: Any) -> str:
