@@ -28,7 +28,7 @@ from relay.broker.base import BrokerError
 from relay.limits import ERROR_BUDGET, ERROR_WINDOW, ErrorBudget, SocketLimits
 from relay.logsafe import clean
 from relay.metrics import Counts
-from relay.outbox import WRITE_CHUNK, Body, SendBudget, frame_header
+from relay.outbox import PREFIX_LENGTH, WRITE_CHUNK, Body, SendBudget, frame_header
 from relay.protocol import CloseCode
 
 if TYPE_CHECKING:
@@ -173,11 +173,6 @@ class Socket:
         self._marked = True
         self._budget.flusher.add(self)
 
-    def _dequeue(self) -> str | Body:
-        item = self._queue.pop(0)
-        self._account_out(item)
-        return item
-
     def _account_out(self, item: str | Body) -> None:
         """``item`` left the queue (written or dropped): uncount it."""
         if isinstance(item, str):
@@ -221,31 +216,30 @@ class Socket:
             return True
         prefix = self._prefix
         plen = len(prefix)
+        assert plen == PREFIX_LENGTH  # what each Body's header counts on
         counts, budget = self.counts, self._budget
         while queue and not proto._paused:
             parts: list[bytes] = []
-            size = taken = freed = unqueued = 0
+            taken = freed = unqueued = 0
             # The accounting of _account_out, inlined: this loop runs once per frame written.
             for item in queue:
                 taken += 1
                 if type(item) is str:
                     data = item.encode()
                     parts += (frame_header(len(data)), data)
-                    size += len(data)
                     freed += len(item)
                     unqueued += len(item)
                     counts.sent(item)
                 else:
                     assert isinstance(item, Body)
-                    parts += (item.header(plen), prefix, item.data)
-                    size += plen + len(item.data)
+                    parts += (item.header, prefix, item.data)
                     unqueued += plen + len(item.data)
                     item.written += 1
                     item.refs -= 1
                     if not item.refs:
                         freed += len(item.data)
                         counts.sent_body(item.data, item.written)
-                if size >= WRITE_CHUNK:
+                if unqueued >= WRITE_CHUNK:
                     break
             del queue[:taken]
             self._queued_bytes -= unqueued

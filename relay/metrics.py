@@ -117,8 +117,9 @@ class Counts:
         try:
             self.frames_out[_BODY_TYPE_AT_10[data[10:16]]] += sockets
         except KeyError:
+            frame = '{"sid":"' + "0" * 36 + data.decode(errors="replace")
             for _ in range(sockets):
-                self.sent('{"sid":"' + "0" * 36 + data.decode(errors="replace"))
+                self.sent(frame)
 
     def error(self, message: str) -> None:
         reason = error_reason(message)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import uuid
 from typing import TYPE_CHECKING
 
-from relay.protocol import CloseCode
+from relay.protocol import CloseCode, with_sid
 
 if TYPE_CHECKING:
     from relay.hub import Socket
@@ -31,27 +32,19 @@ OVER_BUDGET = "slow consumer: the server's send buffers are full"
 
 
 class Body:
-    """One encoded frame tail (see :func:`relay.protocol.encode_tail`), shared by sockets."""
+    """One encoded frame tail (see :func:`relay.protocol.encode_tail`), shared by sockets.
 
-    __slots__ = ("_header", "_header_for", "data", "refs", "written")
+    ``header`` is the WebSocket frame header of the whole frame: every socket's
+    prefix has the same length (its sid is a UUID), so it is computed once.
+    """
+
+    __slots__ = ("data", "header", "refs", "written")
 
     def __init__(self, tail: str) -> None:
         self.data = tail.encode()
+        self.header = frame_header(PREFIX_LENGTH + len(self.data))
         self.refs = 0  # how many socket queues hold it
         self.written = 0  # to how many sockets it was written (counted when the last lets go)
-        self._header = b""
-        self._header_for = -1
-
-    def header(self, prefix_length: int) -> bytes:
-        """The WebSocket frame header for this body behind a prefix of that length.
-
-        Every socket's prefix has the same length (its sid is a UUID), so the
-        header is computed once per body.
-        """
-        if prefix_length != self._header_for:
-            self._header = frame_header(prefix_length + len(self.data))
-            self._header_for = prefix_length
-        return self._header
 
 
 class SendBudget:
@@ -82,6 +75,8 @@ class SendBudget:
             victim.close(CloseCode.SLOW_CONSUMER, OVER_BUDGET)
 
 
+# Every socket's frame prefix, ``{"sid":"<uuid>``, is this long.
+PREFIX_LENGTH = len(with_sid(str(uuid.UUID(int=0)), ""))
 # Bytes of frames joined into one transport write.
 WRITE_CHUNK = 64 * 1024
 _SMALL_HEADERS = [bytes((0x81, n)) for n in range(126)]

@@ -27,10 +27,10 @@ def make_socket(user: str, account: str | None, root: bool = False) -> Socket:
 
 def sent(s: Socket) -> list[dict[str, Any]]:
     """The frames queued for ``s`` (shared bodies with its sid put in front), dequeued."""
-    frames = []
-    while s._queue:
-        item = s._dequeue()
-        frames.append(json.loads(item if isinstance(item, str) else s._prefix + item.data))
+    frames = [
+        json.loads(item if isinstance(item, str) else s._prefix + item.data) for item in s._queue
+    ]
+    s._drop_queue()
     return frames
 
 
