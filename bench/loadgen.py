@@ -379,3 +379,16 @@ async def call_all(fleets: list[Fleet], within: float = 120, **cmd: Any) -> list
     for f in fleets:
         f.send(**cmd)
     return await asyncio.to_thread(lambda: [f.reply(within) for f in fleets])
+
+
+async def open_spread(
+    fleets: list[Fleet], first: int, count: int, within: float = 600, **cmd: Any
+) -> list[dict[str, Any]]:
+    """Open ``count`` sockets numbered from ``first``, spread evenly over the fleets
+    (``op="open"`` with ``cmd``); the fleets' replies in order."""
+    per = [count // len(fleets) + (i < count % len(fleets)) for i in range(len(fleets))]
+    start = first
+    for f, n in zip(fleets, per, strict=True):
+        f.send(op="open", first=start, count=n, **cmd)
+        start += n
+    return await asyncio.to_thread(lambda: [f.reply(within) for f in fleets])

@@ -38,7 +38,7 @@ import asyncpg
 from _common import Postgres, create_notify_table
 from _harness import Row, check_text, cpu_of, fleets, latency_summary, median, server
 from baseline import NOTIFY_CHANNEL
-from loadgen import Fleet, call_all
+from loadgen import Fleet, call_all, open_spread
 
 REPO = "dbev_760_"
 NOTIFY_TABLE = "dbev_notify"
@@ -68,23 +68,18 @@ async def setup(url: str) -> None:
 async def open_subs(
     side: str, port: int, fl: list[Fleet], count: int, first: int, **who: Any
 ) -> list[str]:
-    per = [count // len(fl) + (i < count % len(fl)) for i in range(len(fl))]
-    start = first
-    for f, n in zip(fl, per, strict=True):
-        f.send(
-            op="open",
-            kind="relay" if side == "relay" else "bare",
-            port=port,
-            role="db",
-            channel=f"db-{REPO}",
-            deflate=False,
-            first=start,
-            count=n,
-            concurrency=50,
-            **who,
-        )
-        start += n
-    replies = await asyncio.to_thread(lambda: [f.reply(600) for f in fl])
+    replies = await open_spread(
+        fl,
+        first,
+        count,
+        kind="relay" if side == "relay" else "bare",
+        port=port,
+        role="db",
+        channel=f"db-{REPO}",
+        deflate=False,
+        concurrency=50,
+        **who,
+    )
     opened = sum(r["open"] for r in replies)
     if retried := sum(r["retried"] for r in replies):
         NOTES.append(

@@ -17,7 +17,7 @@ from typing import Any
 
 from _common import Postgres
 from _harness import Row, check_text, fleets, memory_of, server
-from loadgen import Fleet
+from loadgen import Fleet, open_spread
 
 CHANNEL = "idle-lobby"
 BASELINE = "bare aiohttp"
@@ -26,25 +26,20 @@ BASELINE = "bare aiohttp"
 async def open_sockets(
     side: str, port: int, fl: list[Fleet], first: int, count: int
 ) -> tuple[int, dict[str, int]]:
-    per = [count // len(fl) + (i < count % len(fl)) for i in range(len(fl))]
-    start = first
-    for f, n in zip(fl, per, strict=True):
-        f.send(
-            op="open",
-            kind="relay" if side == "relay" else "bare",
-            port=port,
-            role="idle",
-            channel=CHANNEL,
-            deflate=False,
-            user_prefix="idle",
-            account_prefix="a",
-            accounts=100,
-            first=start,
-            count=n,
-            concurrency=100,
-        )
-        start += n
-    replies = await asyncio.to_thread(lambda: [f.reply(600) for f in fl])
+    replies = await open_spread(
+        fl,
+        first,
+        count,
+        kind="relay" if side == "relay" else "bare",
+        port=port,
+        role="idle",
+        channel=CHANNEL,
+        deflate=False,
+        user_prefix="idle",
+        account_prefix="a",
+        accounts=100,
+        concurrency=100,
+    )
     errors: dict[str, int] = {}
     for r in replies:
         for k, v in r["errors"].items():
