@@ -228,11 +228,7 @@ async def test_update_moving_account(relay, client, db, repo: RepoFactory):
 async def test_a_sleeping_listener_is_woken_by_the_writer(relay, client, db, repo):
     """With the safety poll an hour away, only the writer's NOTIFY can wake the
     listener: each row arrives although the listener was asleep when it was written."""
-    r = await relay(poll_seconds=3600)
-    name = await repo("_744_")
-    c = await client(r)
-    await c.auth(r.token("A", "1"))
-    await c.join(f"db-{name}")
+    name, c = await subscribed_with_the_safety_poll_an_hour_away(relay, client, repo)
     await listener_sleeping(db)
     connection = await listener_pid(db)
     for n in range(3):
@@ -261,6 +257,17 @@ async def test_reauth_as_another_user_follows_the_new_identity(relay, client, db
     await db.execute(f"UPDATE {name} SET data = '{{}}' WHERE id = $1", visible)
     assert ids_of([await c.expect("db_updated")]) == [("db_updated", visible)]
     await c.silent()
+
+
+async def subscribed_with_the_safety_poll_an_hour_away(relay, client, repo):
+    """A relay whose listener only a NOTIFY (or a lost connection) can wake, and user
+    A of account 1 joined to a new ``_744_`` repository on it: (repo, client)."""
+    r = await relay(poll_seconds=3600)
+    name = await repo("_744_")
+    c = await client(r)
+    await c.auth(r.token("A", "1"))
+    await c.join(f"db-{name}")
+    return name, c
 
 
 async def listener_pid(db) -> int | None:
@@ -464,11 +471,7 @@ async def test_a_sleeping_listener_whose_connection_dies_reconnects_at_once(
 ):
     """With the safety poll an hour away, a listener asleep when its connection is
     killed does not wait for it: it reconnects, and a row written meanwhile arrives."""
-    r = await relay(poll_seconds=3600)
-    name = await repo("_744_")
-    c = await client(r)
-    await c.auth(r.token("A", "1"))
-    await c.join(f"db-{name}")
+    name, c = await subscribed_with_the_safety_poll_an_hour_away(relay, client, repo)
     await listener_sleeping(db)
     before = await listener_pid(db)
     assert await db.fetchval("SELECT pg_terminate_backend($1)", before)
@@ -484,11 +487,7 @@ async def test_a_writer_that_saw_the_listener_awake_is_waited_for_before_it_slee
     """The sleep handshake: a transaction whose trigger read sleeping = false sends no
     NOTIFY, so the listener, going to sleep, must wait for it to end and read its rows.
     With the safety poll an hour away, the row arrives only if it did."""
-    r = await relay(poll_seconds=3600)
-    name = await repo("_744_")
-    c = await client(r)
-    await c.auth(r.token("A", "1"))
-    await c.join(f"db-{name}")
+    name, c = await subscribed_with_the_safety_poll_an_hour_away(relay, client, repo)
     writer = await asyncpg.connect(pg_url)
     try:
         for _ in range(20):
