@@ -86,7 +86,7 @@ class Settings:
     # How long the listener waits for a wake-up before polling the event log anyway.
     poll_seconds: float = 1.0
     # While events flow the listener polls the log this often (latency vs database work).
-    busy_poll_seconds: float = 0.005
+    busy_poll_seconds: float = 0.001
     # Event log retention: by age and by size (None: no size cap); pruned every prune_seconds.
     event_retention_seconds: int = 24 * 3600
     event_retention_rows: int | None = 10_000_000

@@ -49,6 +49,10 @@ PRUNED = (
     "events of this channel were pruned before this relay could deliver them: "
     "reload the data, then join without 'after'"
 )
+LOST = (
+    "events of this channel may have been delivered from a tick the database lost in a"
+    " crash: reload the data, then join without 'after'"
+)
 
 
 class Held:
@@ -350,11 +354,12 @@ class DbHub:
             "repository dropped app=%s repo=%s subscribers=%d", subs.app, subs.repo, len(everyone)
         )
 
-    def announce_lost(self) -> None:
-        """Events were lost to this relay (pruned unread): every subscriber must reload."""
+    def announce_lost(self, text: str = PRUNED) -> None:
+        """Events were lost to this relay (pruned unread, or their tick lost in a
+        database crash): every subscriber must reload."""
         for subs in self.repos.values():
             channel = protocol.DB_CHANNEL_PREFIX + subs.repo
-            tail = protocol.encode_tail("error", PRUNED, channel, reason="pruned")
+            tail = protocol.encode_tail("error", text, channel, reason="pruned")
             for s in subs.members():
                 s.send(protocol.with_sid(s.id, tail))
 

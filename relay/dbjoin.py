@@ -36,6 +36,10 @@ log = logging.getLogger("relay.ws")
 # back before the events are queued for the client).
 REPLAY_PAGE = 500
 PAGE_SQL = "SELECT * FROM relay.events_page($1, $2, $3, $4, $5, $6)"
+POSITION_SQL = (
+    "SELECT (SELECT min(id) FROM relay.ticks) AS oldest,"
+    " EXISTS (SELECT 1 FROM relay.ticks WHERE id = $1) AS known"
+)
 # The SQLSTATE relay.events_page raises when the log was pruned under a replay.
 PRUNED = "RL001"
 RELOAD = "reload the data, then join without 'after'"
@@ -214,11 +218,17 @@ async def _check_position(db: Database, listener: Listener, text: str) -> Positi
         after = Position.parse(text)
     except ValueError as err:
         raise RelayError(str(err)) from None
-    oldest = await db.fetchval("SELECT min(id) FROM relay.ticks")
+    ticks = await db.fetchrow(POSITION_SQL, after.tick)
+    assert ticks is not None  # an aggregate: always one row
+    oldest = ticks["oldest"]
     if oldest is None or after.tick < oldest or (after.tick == oldest and after.seq is not None):
         raise RelayError(f"position {after} is older than the event log keeps: {RELOAD}")
     if after.tick > listener.position.tick:
         raise RelayError(f"position {after} is unknown to this relay")
+    if not ticks["known"]:
+        # Every position a relay hands out names a tick; this one's is gone
+        # though newer ones are kept: it was lost in a database crash.
+        raise RelayError(f"position {after} is not in the event log: {RELOAD}")
     return after
 
 

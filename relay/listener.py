@@ -1,12 +1,20 @@
 """The listener: follows relay.events and hands each committed event to the DbHub.
 
 It owns one dedicated asyncpg connection (a pool would ``UNLISTEN *`` on
-reset). While events flow it polls the log every few milliseconds; when the
-log goes quiet it tells the writers (relay.listeners.sleeping) to NOTIFY
-``relay_events`` and sleeps until one does, or until the safety poll timer
-fires, so a lost wake-up costs latency, never an event (the handshake is
-explained in sql/relay.sql). Each round asks PostgreSQL for a new tick and
+reset). While events flow it long-polls: relay.poll_wait() waits inside
+PostgreSQL, checking every millisecond for a commit, and returns the new
+events as soon as there are any. When the log has been quiet for
+``idle_after_seconds`` it tells the writers (relay.listeners.sleeping) to
+NOTIFY ``relay_events`` and sleeps until one does, or until the safety poll
+timer fires, so a lost wake-up costs latency, never an event (the handshake
+is explained in sql/relay.sql). Each round asks PostgreSQL for a new tick and
 reads the events of the ticks not seen yet, in commit order.
+
+Its ticks are committed without waiting for the disk (``synchronous_commit =
+off`` on its connection): the flush is off the commit-to-frame path. A crash
+of PostgreSQL may then lose the newest ticks; relay.tick() makes sure their
+ids are never used again, and a listener whose last tick is gone tells its
+subscribers to reload, as when it falls behind the log's retention.
 
 If the connection drops it reconnects with jittered exponential backoff and
 carries on from the last tick it dispatched, so nothing committed in between
@@ -24,7 +32,7 @@ from typing import Any
 
 import asyncpg
 
-from relay.dbhub import DbHub, Event, Position
+from relay.dbhub import LOST, PRUNED, DbHub, Event, Position
 
 log = logging.getLogger("relay.listener")
 
@@ -33,6 +41,7 @@ CHANNEL = "relay_events"
 APPLICATION_NAME = "relay-listener"
 EVENTS_SQL = "SELECT * FROM relay.events_between($1, $2)"
 POLL_SQL = "SELECT * FROM relay.poll($1, $2)"
+POLL_WAIT_SQL = "SELECT * FROM relay.poll_wait($1, $2, $3, $4)"
 POLL_ROWS = 1000
 QUERY_TIMEOUT = 10.0
 # How often the sleep handshake checks whether earlier writers have finished.
@@ -77,7 +86,7 @@ class Listener:
         url: str,
         dbhub: DbHub,
         poll_seconds: float = 1.0,
-        busy_poll_seconds: float = 0.005,
+        busy_poll_seconds: float = 0.001,
         idle_after_seconds: float = 0.2,
         on_state: Callable[[bool], None] | None = None,
         on_events: Callable[[int, float], None] | None = None,
@@ -127,7 +136,11 @@ class Listener:
             try:
                 conn = await asyncpg.connect(
                     self.url,
-                    server_settings={"application_name": APPLICATION_NAME},
+                    server_settings={
+                        "application_name": APPLICATION_NAME,
+                        # Ticks need not wait for the disk (relay.tick() guards the ids).
+                        "synchronous_commit": "off",
+                    },
                     timeout=QUERY_TIMEOUT,
                     # A silent network partition surfaces as a timeout, then a reconnect.
                     command_timeout=QUERY_TIMEOUT,
@@ -174,17 +187,12 @@ class Listener:
                     conn_.terminate()
 
     async def _follow(self, conn: asyncpg.Connection) -> None:
-        """Poll while events flow; when the log goes quiet, hand over to NOTIFY and sleep."""
-        quiet_since = asyncio.get_running_loop().time()
+        """Long-poll while events flow; when the log goes quiet, hand over to NOTIFY and sleep."""
+        wait_ms = max(1, round(self.idle_after_seconds * 1000))
         while not conn.is_closed():
-            loop = asyncio.get_running_loop()
-            if await self._drain(conn):
-                quiet_since = loop.time()
-            elif loop.time() - quiet_since >= self.idle_after_seconds:
+            if not await self._drain(conn, wait_ms):
+                # Nothing for idle_after_seconds.
                 await self._sleep(conn)
-                quiet_since = loop.time()
-                continue
-            await asyncio.sleep(self.busy_poll_seconds)
 
     async def _sleep(self, conn: asyncpg.Connection) -> None:
         """The sleep handshake of sql/relay.sql, then sleep until a NOTIFY or new events.
@@ -218,10 +226,11 @@ class Listener:
             "UPDATE relay.listeners SET sleeping = false WHERE pid = pg_backend_pid()"
         )
 
-    async def _drain(self, conn: asyncpg.Connection) -> int:
+    async def _drain(self, conn: asyncpg.Connection, wait_ms: int = 0) -> int:
         """Dispatch the events committed since the last tick; return how many.
 
-        One round trip (relay.poll) in the common case. A tick with more than
+        One round trip (relay.poll, or relay.poll_wait waiting up to
+        ``wait_ms`` for something new) in the common case. A tick with more than
         POLL_ROWS events streams the rest through a server-side cursor, so a
         huge transaction never sits in memory whole. ``position`` moves with
         every event dispatched, so a resuming subscriber knows exactly where
@@ -230,17 +239,28 @@ class Listener:
         """
         assert self.last_tick is not None
         started = asyncio.get_running_loop().time()
-        rows = await conn.fetch(POLL_SQL, self.last_tick, POLL_ROWS)
+        if wait_ms:
+            check_ms = max(1, round(self.busy_poll_seconds * 1000))
+            rows = await conn.fetch(POLL_WAIT_SQL, self.last_tick, POLL_ROWS, wait_ms, check_ms)
+            # What it found was committed after its last check that saw nothing.
+            self._since = max(self._since, started + (rows[0]["waited_ms"] - check_ms) / 1000)
+        else:
+            rows = await conn.fetch(POLL_SQL, self.last_tick, POLL_ROWS)
         newest: int = rows[0]["upto"]
         if rows[0]["pruned"]:
-            # The log was pruned past what this listener had read (it lagged
-            # beyond the retention window): what it missed cannot be delivered.
+            # The tick this listener had read up to is gone: the log was pruned
+            # past it (it lagged beyond the retention window), or PostgreSQL
+            # crashed before the tick reached the disk. What it missed cannot
+            # be delivered exactly: its subscribers are told to reload.
+            oldest = await conn.fetchval("SELECT min(id) FROM relay.ticks")
+            crashed = oldest is not None and oldest < self.last_tick
             log.error(
-                "listener fell behind the event log's retention after_tick=%s newest=%s",
+                "listener's position is gone from the event log (%s) after_tick=%s newest=%s",
+                "lost in a database crash" if crashed else "pruned past it",
                 self.last_tick,
                 newest,
             )
-            self.dbhub.announce_lost()
+            self.dbhub.announce_lost(LOST if crashed else PRUNED)
             self.last_tick = newest
             self.position = Position(newest)
             return 1

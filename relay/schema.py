@@ -184,6 +184,16 @@ ticks = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
+# One row while every tick id handed out is on disk. UNLOGGED: crash recovery
+# empties it, and the next relay.tick() then skips the ids a lost tick may have had.
+tick_guard = Table(
+    "tick_guard",
+    metadata,
+    Column("durable", Boolean, primary_key=True, server_default=text("true")),
+    CheckConstraint("durable", name="tick_guard_durable_check"),
+    prefixes=["UNLOGGED"],
+)
+
 
 def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
     """For autogenerate: only schema relay, and not alembic's own version table."""

@@ -19,7 +19,8 @@
 --    disk flush included, behind one cluster-wide lock, which halves the
 --    write rate of small transactions. So writers notify only while some
 --    relay listener is asleep (relay.listeners.sleeping). A busy listener
---    polls the log every few milliseconds instead. Going to sleep is a
+--    waits in relay.poll_wait() instead, which looks for a commit every
+--    millisecond inside the server. Going to sleep is a
 --    handshake without locks: the listener sets sleeping = true, then keeps
 --    polling until every transaction that was running at that moment has
 --    ended (pg_xact_status of its snapshot's in-progress xids; for at most a
@@ -52,15 +53,40 @@
 -- migrations/versions/ and migrations/sql/ (they run raw SQL, so alembic's
 -- offline --sql mode is refused rather than printing part of it).
 
--- Record a new tick if anything was committed since the last one; return the
--- newest tick id either way. Ticks are serialized by an advisory lock so that
--- each snapshot contains the one before it, whichever relay process ticks.
-CREATE OR REPLACE FUNCTION relay.tick() RETURNS bigint
-LANGUAGE plpgsql VOLATILE
+-- Whether a transaction that wrote events became visible between two
+-- snapshots (the test relay.tick() and relay.poll_wait() make).
+CREATE OR REPLACE FUNCTION relay.events_since(last_snap pg_snapshot, snap pg_snapshot)
+RETURNS boolean
+LANGUAGE sql STABLE
 -- The best plan depends on the snapshot values: a generic plan would scan the
 -- whole log. Plan each call with its actual values (microseconds to plan), and
 -- never by scanning the log: on a fast-growing log the statistics lag behind,
 -- and a sequential scan "that stops at the first match" reads it all.
+SET plan_cache_mode = force_custom_plan
+SET enable_seqscan = off
+AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM relay.events e
+        WHERE e.xid >= pg_snapshot_xmin(last_snap)
+          AND pg_visible_in_snapshot(e.xid, snap)
+          AND NOT pg_visible_in_snapshot(e.xid, last_snap)
+    )
+$$;
+
+-- Record a new tick if anything was committed since the last one; return the
+-- newest tick id either way. Ticks are serialized by an advisory lock so that
+-- each snapshot contains the one before it, whichever relay process ticks.
+--
+-- The listener commits its ticks asynchronously (they are then off the disk
+-- flush's latency path), so a crash can lose the newest ticks, and the id
+-- sequence can fall back below their ids. relay.tick_guard, an unlogged
+-- table, is emptied by crash recovery: the first tick after a crash finds it
+-- empty, moves the sequence a billion ids on (more than could ever be lost
+-- between two WAL flushes), and commits synchronously. No id is ever used by
+-- two ticks, and a position in a lost tick names no tick (dbjoin and
+-- relay.poll() answer it with "reload").
+CREATE OR REPLACE FUNCTION relay.tick() RETURNS bigint
+LANGUAGE plpgsql VOLATILE
 SET plan_cache_mode = force_custom_plan
 SET enable_seqscan = off
 AS $$
@@ -69,18 +95,22 @@ DECLARE
     last_snap pg_snapshot;
     snap      pg_snapshot;
     new_id    bigint;
+    ids       regclass;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('relay.tick'));
     SELECT id, snapshot INTO last_id, last_snap FROM relay.ticks ORDER BY id DESC LIMIT 1;
+    IF NOT EXISTS (SELECT 1 FROM relay.tick_guard) THEN
+        ids := pg_get_serial_sequence('relay.ticks', 'id')::regclass;
+        PERFORM setval(ids, greatest(coalesce(last_id, 0),
+                                     coalesce(pg_sequence_last_value(ids), 0)) + 1000000000);
+        INSERT INTO relay.tick_guard DEFAULT VALUES ON CONFLICT DO NOTHING;
+        -- Until the end of this transaction (the SET clauses above do not undo it).
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
     -- A statement after the lock: a VOLATILE function takes a fresh snapshot
     -- per statement, so this one sees every tick committed before ours.
     snap := pg_current_snapshot();
-    IF last_id IS NOT NULL AND NOT EXISTS (
-        SELECT 1 FROM relay.events e
-        WHERE e.xid >= pg_snapshot_xmin(last_snap)
-          AND pg_visible_in_snapshot(e.xid, snap)
-          AND NOT pg_visible_in_snapshot(e.xid, last_snap)
-    ) THEN
+    IF last_id IS NOT NULL AND NOT relay.events_since(last_snap, snap) THEN
         RETURN last_id;
     END IF;
     INSERT INTO relay.ticks (snapshot) VALUES (snap) RETURNING id INTO new_id;
@@ -201,9 +231,10 @@ SET enable_seqscan = off
 AS $$
 DECLARE
     newest bigint := relay.tick();
-    -- The caller's tick was pruned: the events after it are partly gone, and
-    -- the caller must say so instead of carrying on from the oldest tick left.
-    lost boolean := NOT EXISTS (SELECT 1 FROM relay.ticks k WHERE k.id <= after_tick);
+    -- The caller's tick was pruned, or lost in a crash: the events after it
+    -- are partly gone (or were cut differently), and the caller must say so
+    -- instead of carrying on from another tick.
+    lost boolean := NOT EXISTS (SELECT 1 FROM relay.ticks k WHERE k.id = after_tick);
 BEGIN
     IF newest > after_tick AND NOT lost THEN
         RETURN QUERY
@@ -216,6 +247,51 @@ BEGIN
     RETURN QUERY SELECT newest, lost, NULL::bigint, NULL::bigint, NULL::text, NULL::text,
                         NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text,
                         NULL::text, NULL::bigint;
+END;
+$$;
+
+-- relay.poll(), once something new is there: the listener's call while
+-- events flow. It waits in the server, at most wait_ms, checking every
+-- check_ms whether a transaction ended (the current snapshot changed) and,
+-- only then, whether it wrote events or another relay ticked. So a commit is
+-- seen within a check of its happening, at the cost of a few microseconds of
+-- server CPU per check and one round trip per batch, instead of a round trip
+-- every few milliseconds. It holds no lock and no xid while it waits.
+-- waited_ms says how long it waited: what it returns was committed after
+-- waited_ms - check_ms (the metrics' commit-to-dispatch latency).
+CREATE OR REPLACE FUNCTION relay.poll_wait(
+    after_tick bigint, max_rows integer, wait_ms integer, check_ms integer
+)
+RETURNS TABLE (
+    waited_ms double precision, upto bigint, pruned boolean,
+    tick bigint, seq bigint, app text, repo text, op text, row_id text,
+    owner_id text, account_id text, old_owner_id text, old_account_id text, data text,
+    xid bigint
+)
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    started   timestamptz := clock_timestamp();
+    deadline  timestamptz := started + make_interval(secs => wait_ms / 1000.0);
+    seen      text := '';
+    snap      pg_snapshot;
+    last_id   bigint;
+    last_snap pg_snapshot;
+    waited    float8;
+BEGIN
+    LOOP
+        snap := pg_current_snapshot();
+        IF snap::text <> seen THEN
+            seen := snap::text;
+            SELECT k.id, k.snapshot INTO last_id, last_snap
+            FROM relay.ticks k ORDER BY k.id DESC LIMIT 1;
+            EXIT WHEN last_id IS DISTINCT FROM after_tick
+                   OR relay.events_since(last_snap, snap);
+        END IF;
+        EXIT WHEN clock_timestamp() >= deadline;
+        PERFORM pg_sleep(check_ms / 1000.0);
+    END LOOP;
+    waited := extract(epoch FROM clock_timestamp() - started)::float8 * 1000;
+    RETURN QUERY SELECT waited, p.* FROM relay.poll(after_tick, max_rows) p;
 END;
 $$;
 

@@ -75,7 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "error_budget": 100,
     "send_queue_frames": 1000,
     "send_queue_bytes": 16 * 1024 * 1024,
-    "busy_poll_seconds": 0.005,
+    "busy_poll_seconds": 0.001,
     "migrate": True,
     "jwt_issuer": None,
     "jwt_audience": None,

@@ -552,3 +552,41 @@ async def test_the_oldest_kept_tick_is_a_valid_position_and_nothing_before_it(
     assert (await c2.expect("error"))["data"] == (
         "cannot join db-no_such_table_here: 'no_such_table_here' is not a watched table"
     )
+
+
+async def test_a_tick_lost_in_a_crash_means_reload_live_and_on_resume(
+    relay, client, db, repo: RepoFactory
+):
+    """The listener's ticks are committed without waiting for the disk, so a
+    crash can lose the newest one after its events were delivered. Deleting
+    it stands in for the crash: the subscriber is told to reload (its rows
+    may be cut differently now), a resume from a position in it is told to
+    reload, neither gets the lost tick's event a second time, and what is
+    written next arrives exactly once."""
+    r = await relay()
+    name = await repo("_744_")
+    c, _ = await subscribed(r, client, name)
+    await insert(db, name, "A", "1", 1)
+    delivered = await c.expect("db_created")
+    lost_tick = int(delivered["pos"].split("-")[0])
+    assert await db.fetchval("SELECT max(id) FROM relay.ticks") == lost_tick
+    await db.execute("DELETE FROM relay.ticks WHERE id = $1", lost_tick)
+    notice = await c.expect("error")
+    assert notice["reason"] == "pruned"
+    assert "lost in a crash" in notice["data"] and "reload" in notice["data"]
+    assert notice["channel"] == f"db-{name}"
+    c2 = await client(r)
+    await c2.auth(r.token("A", "1"))
+    await c2.send(type="join", data=f"db-{name}", token=c2.token, after=delivered["pos"])
+    refused = await c2.expect("error")
+    assert refused["data"] == (
+        f"position {delivered['pos']} is not in the event log: "
+        "reload the data, then join without 'after'"
+    )
+    await c2.join(f"db-{name}")
+    await insert(db, name, "A", "1", 2)
+    for sub in (c, c2):
+        after = await sub.expect("db_created")
+        assert json.loads(after["data"])["data"]["n"] == 2
+        assert int(after["pos"].split("-")[0]) > lost_tick
+    await c.silent()
