@@ -14,6 +14,8 @@ the replay at once. So no client can keep the pool's connections.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -241,25 +243,42 @@ async def _replay(
     upto: Position,
     stall_seconds: float | None,
 ) -> int | None:
-    """Send the events after ``after`` up to ``upto``; the frames sent, or None if cut short."""
-    sent = 0
-    cursor = after
-    while True:
-        rows = await db.fetch(
-            PAGE_SQL, cursor.tick, cursor.seq, upto.tick, REPLAY_PAGE, socket.app_id, repo
+    """Send the events after ``after`` up to ``upto``; the frames sent, or None if cut short.
+
+    The next page is read while this one is sent: the query holds its pooled
+    connection only while it runs, never while the replay waits on its client.
+    """
+
+    def page(cursor: Position) -> asyncio.Task[list[asyncpg.Record]]:
+        return asyncio.ensure_future(
+            db.fetch(PAGE_SQL, cursor.tick, cursor.seq, upto.tick, REPLAY_PAGE, socket.app_id, repo)
         )
-        for row in rows:
-            event = event_from_record(row)
-            if upto.before(event):
-                return sent  # dispatched live after we subscribed: held back for us
-            cursor = Position(event.tick, event.seq)
-            # Room is checked per event, so a page of large rows never
-            # overfills the send queue's byte cap.
-            if not socket.has_room and not await socket.wait_writable(stall_seconds):
-                return None
-            count = dbhub.replay_event(socket, repo, event)
-            if count is None:
-                return None
-            sent += count
-        if len(rows) < REPLAY_PAGE:
-            return sent
+
+    sent = 0
+    next_page: asyncio.Task[list[asyncpg.Record]] | None = page(after)
+    try:
+        while next_page is not None:
+            rows = await next_page
+            next_page = None
+            if len(rows) == REPLAY_PAGE:
+                last = rows[-1]
+                if last["tick"] <= upto.tick:
+                    next_page = page(Position(last["tick"], last["seq"]))
+            for row in rows:
+                event = event_from_record(row)
+                if upto.before(event):
+                    return sent  # dispatched live after we subscribed: held back for us
+                # Room is checked per event, so a page of large rows never
+                # overfills the send queue's byte cap.
+                if not socket.has_room and not await socket.wait_writable(stall_seconds):
+                    return None
+                count = dbhub.replay_event(socket, repo, event)
+                if count is None:
+                    return None
+                sent += count
+        return sent
+    finally:
+        if next_page is not None:
+            next_page.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await next_page
