@@ -106,9 +106,7 @@ class Snapshot:
         return xid < self.xmin or (xid < self.xmax and xid not in self.running)
 
 
-# Not frozen: a frozen dataclass's __init__ costs twice as much, and one is
-# made for every event read from the log. Nothing changes an Event once made.
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     """One row of relay.events, at position (tick, seq)."""
 
