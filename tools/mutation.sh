@@ -54,6 +54,15 @@ DBHUB_TESTS="tests/test_dbhub.py tests/test_permissions.py $DBEVENTS $RESUME tes
 DBJOIN_SCOPE="JoinOptions join_db _check_position _replay"
 V=tests/test_views.py
 DBJOIN_TESTS="$E::test_unwatched_table_is_refused_and_a_new_watch_is_joinable_at_once $E::test_contract_example_tasks_760 $RESUME $V::test_a_filtered_resume_replays_through_the_filter $V::test_invalid_join_options_get_a_readable_error $V::test_snapshot_then_stream tests/test_expiry.py::test_session_expiring_during_a_db_join_is_not_subscribed tests/test_expiry.py::test_fresh_auth_after_expiry_rejoins_the_paused_channels tests/test_dbjoin.py"
+# hub.py: the send path (queue caps, shared bodies, the budget's accounting, the
+# flusher's writes, the writer task, flow control, closes) and the fan-out of
+# chat messages; not the socket's constructor and properties, start, the
+# shutdown helpers, nor the channel registry (join/leave: the broker's tests).
+HUB_SCOPE="Socket.send Socket.send_shared Socket._admit Socket._enqueue Socket._mark Socket._account_out Socket._drop_queue Socket.flush Socket._write_some Socket._write_rest Socket.has_room Socket.wait_writable Socket.close Socket._cut_off Socket._lost Hub.deliver send_to"
+# Its tests: the contract, limits (slow consumers), the broker, expiry; and the
+# two that reach the rest of the send path: the process-wide send budget and a
+# replay that stalls (wait_writable's deadline).
+HUB_TESTS="tests/test_contract.py tests/test_limits.py tests/test_broker.py tests/test_expiry.py tests/test_hostile.py::test_the_process_wide_send_budget_cuts_the_biggest_queues tests/test_dbjoin.py::test_a_resume_that_stops_reading_is_cut_off"
 declare -A PLAN=(
   [permissions]="relay/permissions.py|tests/test_permissions.py tests/test_dbhub.py $FILTER"
   [dbhub]="relay/dbhub.py|$DBHUB_TESTS|$DBHUB_SCOPE"
@@ -61,7 +70,7 @@ declare -A PLAN=(
   [views]="relay/views.py|tests/test_dbhub.py $VIEWS"
   [filters]="relay/filters.py|tests/test_filters.py"
   [listener]="relay/listener.py|$LISTEN|$LISTENER_SCOPE"
-  [hub]="relay/hub.py|tests/test_contract.py tests/test_limits.py tests/test_broker.py tests/test_expiry.py"
+  [hub]="relay/hub.py|$HUB_TESTS|$HUB_SCOPE"
   [broker]="relay/broker|tests/test_broker.py"
 )
 ORDER=(permissions filters views dbhub dbjoin listener hub broker)
