@@ -277,6 +277,30 @@ async def _true(value: bool) -> bool:
     return value
 
 
+async def test_the_send_budget_is_back_to_zero_once_everything_is_read(relay, client):
+    """Replies (one socket's frames) and fan-out (bodies shared by sockets) are
+    counted in the process-wide send budget while queued, and uncounted once
+    written: after the traffic, nothing is left counted, so the budget can still
+    hold as much as it was given."""
+    r = await relay(send_queue_total_bytes=4 * 1024 * 1024, messages_per_second=0)
+    room = random_name()
+    a, b = await client(r), await client(r)
+    for c in (a, b):
+        await c.auth(r.token("u", "1"))
+        await c.join(room)
+    payload = "x" * 10_000
+    for i in range(30):
+        await a.send(type="echo", data=f"{i}-{payload}")
+        await a.send(type="chan_in", channel=room, data=f"{i}-{payload}", token=a.token)
+    got_a = [await a.recv() for _ in range(90)]  # echo, ok and chan_out for each
+    got_b = [await b.expect("chan_out") for _ in range(30)]
+    assert [f["type"] for f in got_a].count("echo") == 30
+    assert [f["data"] for f in got_b] == [f"{i}-{payload}" for i in range(30)]
+    budget = r.state.hub.budget
+    await eventually(lambda: budget.total == 0 and not budget.holders, what="nothing counted")
+    assert all(s.queued_bytes == 0 for s in r.state.hub.sockets.values())
+
+
 # --- heartbeats -------------------------------------------------------------------------------
 
 
