@@ -24,6 +24,8 @@ from tests.conftest import RelayHandle
 from tests.helpers import eventually
 
 BACKLOG = 3000
+# A session that outlasts the setup of a test (under load too), then expires.
+EXPIRY_SECONDS = 10
 FILLER = "x" * 4000  # ~12 MB of backlog: more than loopback socket buffers absorb
 
 
@@ -429,6 +431,59 @@ async def test_live_rows_held_during_a_paused_replay_all_follow_it(relay, client
         *range(1, 101),
     ]
     assert {json.loads(f["data"])["data"]["filler"] for f in frames[BACKLOG:]} == {"live"}
+    phone.send(type="echo", data="done")  # nothing else was queued before its answer
+    assert (await phone.recv())["data"] == "echo: done"
+    phone.writer.close()
+
+
+async def test_a_session_expiring_while_held_rows_are_released_resumes_after_them(
+    relay, client, db, repo
+) -> None:
+    """A phone's replay is over and the rows held for it are being released a few
+    at a time when its session ends: the channel pauses where the released rows
+    stopped. A fresh auth resumes it from there: every row once, in order."""
+    handle = await relay(send_queue_frames=20)
+    table = await repo("_744_")
+    pos = await _position(handle, client, table)
+    await _backlog(db, table, BACKLOG, FILLER, handle)
+    phone = await Phone.connect(handle.port)
+    # A session long enough for what follows (seconds), that then ends on its own:
+    # a socket's frames are handled one at a time, so no renewal could reach the
+    # relay while its join is busy releasing.
+    token = handle.token("phone", "acct", ttl_seconds=EXPIRY_SECONDS)
+    await phone.auth_and_resume(token, "db-" + table, pos)
+    # Held for it (the replay cannot have ended): more than the kernel's buffers take.
+    await _backlog(db, table, BACKLOG, "L" * 4000, handle)
+    subs = handle.state.dbhub.subscribers("default", table)
+    assert subs is not None and [len(h.frames) for h in subs.catching_up.values()] == [BACKLOG]
+    (socket,) = subs.catching_up
+    frames = [await phone.recv(timeout=20) for _ in range(BACKLOG + 100)]
+
+    async def releasing() -> bool:
+        held = subs.catching_up.get(socket)
+        return held is not None and 0 < len(held.frames) < BACKLOG and not socket.has_room
+
+    await _eventually(releasing, "the held rows released in part, the rest waiting")
+
+    async def paused() -> bool:
+        return handle.state.dbhub.subscribers("default", table) is None
+
+    # The phone reads nothing more until its session has ended mid-release.
+    await _eventually(paused, "the session expired", timeout=EXPIRY_SECONDS + 10)
+    while (frame := await phone.recv(timeout=20))["type"] != "error":
+        frames.append(frame)
+    assert "session expired" in frame["data"]
+    phone.send(type="auth", data=handle.token("phone", "acct"))
+    assert (await phone.recv())["type"] == "token"
+    assert (await phone.recv())["type"] == "joined"
+    while len(frames) < 2 * BACKLOG:
+        frames.append(await phone.recv(timeout=20))
+    rows = [json.loads(f["data"]) for f in frames]
+    assert [(r["data"]["filler"][0], r["data"]["n"]) for r in rows] == [
+        *(("x", n) for n in range(1, BACKLOG + 1)),
+        *(("L", n) for n in range(1, BACKLOG + 1)),
+    ]
+    assert {f["type"] for f in frames} == {"db_created"}
     phone.send(type="echo", data="done")  # nothing else was queued before its answer
     assert (await phone.recv())["data"] == "echo: done"
     phone.writer.close()
