@@ -47,8 +47,8 @@ VIEWS="tests/test_views.py tests/test_filters.py"
 # filter and of resumes (a truncate or a drop in a replay, filtered subscribers and
 # snapshots where dispatch and replay_event branch for them); of the phones of
 # test_dbjoin.py (pool and flow control: dbjoin's) only the one whose session
-# ends while its held frames are released (Held.pop's cursor).
-DBHUB_TESTS="tests/test_dbhub.py tests/test_permissions.py $DBEVENTS $RESUME tests/test_edges.py::test_a_paused_session_resumes_each_db_channel_where_it_stopped tests/test_edges.py::test_truncate_reaches_subscribers_and_resumes_in_order tests/test_edges.py::test_a_resume_across_a_drop_of_its_table_says_so_and_stops_there tests/test_dbjoin.py::test_a_session_expiring_while_held_rows_are_released_resumes_after_them tests/test_views.py::test_a_filtered_subscriber_outlives_the_last_plain_one tests/test_views.py::test_joining_again_without_the_filter_drops_it tests/test_views.py::test_a_filtered_resume_replays_through_the_filter tests/test_views.py::test_snapshot_is_consistent_with_a_writer_committing_throughout $FILTER"
+# ends mid-replay or mid-release (the position a paused channel resumes from).
+DBHUB_TESTS="tests/test_dbhub.py tests/test_permissions.py $DBEVENTS $RESUME tests/test_edges.py::test_a_paused_session_resumes_each_db_channel_where_it_stopped tests/test_edges.py::test_truncate_reaches_subscribers_and_resumes_in_order tests/test_edges.py::test_a_resume_across_a_drop_of_its_table_says_so_and_stops_there tests/test_dbjoin.py::test_a_session_expiring_mid_resume_resumes_where_it_stopped tests/test_views.py::test_a_filtered_subscriber_outlives_the_last_plain_one tests/test_views.py::test_joining_again_without_the_filter_drops_it tests/test_views.py::test_a_filtered_resume_replays_through_the_filter tests/test_views.py::test_snapshot_is_consistent_with_a_writer_committing_throughout $FILTER"
 # dbjoin.py: the resume path (join_db, the position check, the paged replay);
 # the snapshot and filter parts (_snapshot, _view) are the views' tests' own.
 # Its runner puts the quick functional tests first and the heavy replays last.
