@@ -152,7 +152,10 @@ async def test_a_resume_across_a_drop_of_its_table_says_so_and_stops_there(relay
     assert [f["type"] for f in frames] == ["db_created", "db_created", "error"]
     assert [json.loads(f["data"])["id"] for f in frames[:2]] == before
     assert (frames[2]["reason"], frames[2]["data"]) == ("dropped", notice["data"])
-    await insert(db, table, "u")  # nor this: the next frame is the answer to the join
+    other = await subscribe(r, client, table)
+    await insert(db, table, "u")
+    await other.take(1)  # dispatched: the positive control for the resumed client's silence
+    await resumed.client.silent(0.3)
     # It may join the new table again, from now on.
     await resumed.client.join("db-" + table)
     fresh = await insert(db, table, "u")
