@@ -5,12 +5,14 @@
 - ``read_until_closed``: every text frame up to the close, and the close code.
 - ``eventually``: poll a check (sync or async) until it holds, with a deadline.
 - ``sockets_open`` / ``wait_for_sockets``: what ``/healthz`` reports.
+- ``readyz``: what ``/readyz`` answers (status and body).
 - ``wait_healthy``: a relay started as a process answers ``/healthz``.
 - ``assert_echoes``: a socket still serves.
 - ``new_app``: an app (tenant) with a fresh plan, through ``relay.plans``.
 - ``run_cli`` / ``relay_cli``: the ``relay`` command as a subprocess (blocking / async).
 - ``listener_sleeping``: the relay's listener has gone to sleep (asks writers for NOTIFY).
 - ``redis_subscribers``: how many relay processes follow a chat channel on Redis.
+- ``redis_clients``: how many connections Redis has open.
 - ``require``: skip where a tool is missing, but fail under CI.
 """
 
@@ -105,6 +107,13 @@ async def healthz(http_url: str) -> dict[str, Any]:
         assert resp.status == 200
         body: dict[str, Any] = await resp.json()
         return body
+
+
+async def readyz(r: Any) -> tuple[int, dict[str, Any]]:
+    """What ``/readyz`` answers: its status and its body."""
+    async with aiohttp.ClientSession() as http, http.get(r.http_url + "/readyz") as resp:
+        body: dict[str, Any] = await resp.json()
+        return resp.status, body
 
 
 async def sockets_open(r: Any) -> int:
@@ -223,6 +232,18 @@ async def redis_subscribers(redis_url: str, channel: str) -> int:
             if json.loads(name[len("relay:chan:") :])[1] == channel:
                 total += dict(await r.pubsub_numsub(name)).get(name.encode(), 0)
         return total
+    finally:
+        await r.aclose()
+
+
+async def redis_clients(redis_url: str) -> int:
+    """How many client connections Redis has open, this one asking not counted."""
+    import redis.asyncio as aioredis
+
+    r = aioredis.from_url(redis_url)
+    try:
+        info = await r.info("clients")
+        return int(info["connected_clients"]) - 1
     finally:
         await r.aclose()
 

@@ -12,7 +12,7 @@ import pytest
 
 from relay.broker import create_broker
 from tests.conftest import random_name
-from tests.helpers import eventually, redis_subscribers, wait_for_sockets
+from tests.helpers import eventually, readyz, redis_clients, redis_subscribers, wait_for_sockets
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -49,6 +49,17 @@ async def test_broker_delivers_subscribed_channels_only(broker_url: str) -> None
         await broker.close()
 
 
+async def test_ping_says_whether_the_broker_answers(broker_url: str) -> None:
+    broker = create_broker(broker_url, lambda *_: None)
+    if broker_url != "memory://":
+        assert await broker.ping() is False  # not connected yet
+    await broker.start()
+    try:
+        assert await broker.ping() is True
+    finally:
+        await broker.close()
+
+
 def test_unknown_scheme_is_refused() -> None:
     with pytest.raises(ValueError) as refused:
         create_broker("kafka://x", lambda *_: None)
@@ -63,16 +74,23 @@ def test_redis_over_tls_is_a_redis_broker() -> None:
 
 
 async def test_a_closed_redis_broker_leaves_its_channels(redis_url: str) -> None:
+    """Closing leaves every channel and closes every connection it opened to Redis."""
     room = random_name("closing")
+    before = await redis_clients(redis_url)
     broker = create_broker(redis_url, lambda *_: None)
     await broker.start()
     try:
         await broker.subscribe("app", room)
+        await broker.publish("app", room, "x")  # a connection for commands, too
         assert await redis_subscribers(redis_url, room) == 1
+        assert await redis_clients(redis_url) > before  # a positive control for the end
     finally:
         await broker.close()
     await eventually(
         lambda: _equals(redis_subscribers(redis_url, room), 0), what="the channel left"
+    )
+    await eventually(
+        lambda: _equals(redis_clients(redis_url), before), what="its connections closed"
     )
 
 
@@ -143,8 +161,11 @@ async def test_redis_outage_gives_errors_not_dead_sockets(relay, client, tmp_pat
         alice = await client(r)
         await alice.auth(r.token("alice", "1"))
         await alice.join("before")
+        assert (await readyz(r))[0] == 200
         proc.terminate()
         proc.wait(timeout=10)
+        status, body = await readyz(r)
+        assert (status, body["problems"]) == (503, ["broker unreachable"])
 
         bob = await client(r)
         await bob.auth(r.token("bob", "1"))
@@ -171,6 +192,7 @@ async def test_redis_outage_gives_errors_not_dead_sockets(relay, client, tmp_pat
         assert (await bob.expect("chan_out"))["data"] == "back"
         await alice.publish("before", "also back")
         assert (await alice.expect("chan_out"))["data"] == "also back"
+        assert await readyz(r) == (200, {"status": "ready"})
     finally:
         proc.kill()
         proc.wait(timeout=10)

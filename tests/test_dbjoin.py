@@ -19,11 +19,14 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import pytest
 
 from tests.conftest import RelayHandle
 from tests.helpers import eventually
 
 BACKLOG = 3000
+# A session that outlasts the setup of a test (under load too), then expires.
+EXPIRY_SECONDS = 10
 FILLER = "x" * 4000  # ~12 MB of backlog: more than loopback socket buffers absorb
 
 
@@ -429,6 +432,66 @@ async def test_live_rows_held_during_a_paused_replay_all_follow_it(relay, client
         *range(1, 101),
     ]
     assert {json.loads(f["data"])["data"]["filler"] for f in frames[BACKLOG:]} == {"live"}
+    phone.send(type="echo", data="done")  # nothing else was queued before its answer
+    assert (await phone.recv())["data"] == "echo: done"
+    phone.writer.close()
+
+
+@pytest.mark.parametrize("stage", ["replaying", "releasing"])
+async def test_a_session_expiring_mid_resume_resumes_where_it_stopped(
+    relay, client, db, repo, stage
+) -> None:
+    """A phone's session ends while its resume waits on it: mid-replay, or once the
+    replay is over and the rows held for it meanwhile are being released a few
+    at a time. The channel pauses where its stream stopped; a fresh auth resumes
+    it from there: every row once, in order."""
+    handle = await relay(send_queue_frames=20)
+    table = await repo("_744_")
+    pos = await _position(handle, client, table)
+    await _backlog(db, table, BACKLOG, FILLER, handle)
+    phone = await Phone.connect(handle.port)
+    # A session long enough for what follows (seconds), that then ends on its own:
+    # a socket's frames are handled one at a time, so no renewal could reach the
+    # relay while its join is busy.
+    token = handle.token("phone", "acct", ttl_seconds=EXPIRY_SECONDS)
+    await phone.auth_and_resume(token, "db-" + table, pos)
+    live = BACKLOG if stage == "releasing" else 0
+    if live:
+        # Held for it (the replay cannot have ended): more than the kernel's buffers take.
+        await _backlog(db, table, live, "L" * 4000, handle)
+    subs = handle.state.dbhub.subscribers("default", table)
+    assert subs is not None and [len(h.frames) for h in subs.catching_up.values()] == [live]
+    (socket,) = subs.catching_up
+    frames = [await phone.recv(timeout=20) for _ in range(100 + (BACKLOG if live else 0))]
+
+    async def waiting() -> bool:
+        held = subs.catching_up.get(socket)
+        if held is None or socket.has_room:
+            return False
+        # Releasing: some held rows out, the rest waiting; replaying: none held.
+        return 0 < len(held.frames) < live if live else not held.frames
+
+    await _eventually(waiting, f"{stage}, waiting on the phone")
+
+    async def paused() -> bool:
+        return handle.state.dbhub.subscribers("default", table) is None
+
+    # The phone reads nothing more until its session has ended.
+    await _eventually(paused, "the session expired", timeout=EXPIRY_SECONDS + 10)
+    while (frame := await phone.recv(timeout=20))["type"] != "error":
+        frames.append(frame)
+    assert "session expired" in frame["data"]
+    phone.send(type="auth", data=handle.token("phone", "acct"))
+    assert (await phone.recv())["type"] == "token"
+    assert (await phone.recv())["type"] == "joined"
+    while len(frames) < BACKLOG + live:
+        frames.append(await phone.recv(timeout=20))
+    rows = [json.loads(f["data"]) for f in frames]
+    assert [(r["data"]["filler"][0], r["data"]["n"]) for r in rows] == [
+        *(("x", n) for n in range(1, BACKLOG + 1)),
+        *(("L", n) for n in range(1, live + 1)),
+    ]
+    assert {f["type"] for f in frames} == {"db_created"}
     phone.send(type="echo", data="done")  # nothing else was queued before its answer
     assert (await phone.recv())["data"] == "echo: done"
     phone.writer.close()

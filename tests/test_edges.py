@@ -130,6 +130,39 @@ async def test_dropped_table_tells_subscribers_once_and_unregisters(relay, clien
     assert "not a watched table" in (await live.client.expect("error"))["data"]
 
 
+async def test_a_resume_across_a_drop_of_its_table_says_so_and_stops_there(relay, client, db, repo):
+    """The table was dropped and made again under its name after the client's
+    position: the replay gives what came before the drop, then the drop notice,
+    and nothing of the new table (the client is no longer subscribed)."""
+    from relay.repos import create_repo
+
+    r = await relay()
+    table = await repo("_744_")
+    live = await subscribe(r, client, table)
+    start = live.last_pos
+    before = await insert(db, table, "u", 2)
+    await live.take(2)
+    await db.execute(f"DROP TABLE {table}")
+    (notice,) = await live.take(1)
+    assert notice["reason"] == "dropped"
+    await create_repo(db, table)
+    await insert(db, table, "u")  # in the log after the drop: not for the resumed client
+    resumed = await subscribe(r, client, table, after=start)
+    frames = await resumed.take(3)
+    assert [f["type"] for f in frames] == ["db_created", "db_created", "error"]
+    assert [json.loads(f["data"])["id"] for f in frames[:2]] == before
+    assert (frames[2]["reason"], frames[2]["data"]) == ("dropped", notice["data"])
+    other = await subscribe(r, client, table)
+    await insert(db, table, "u")
+    await other.take(1)  # dispatched: the positive control for the resumed client's silence
+    await resumed.client.silent(0.3)
+    # It may join the new table again, from now on.
+    await resumed.client.join("db-" + table)
+    fresh = await insert(db, table, "u")
+    (frame,) = await resumed.take(1)
+    assert (frame["type"], json.loads(frame["data"])["id"]) == ("db_created", fresh[0])
+
+
 async def test_renames_keep_the_channel_and_writes_working(relay, client, db, repo):
     """A renamed table keeps its db- name; renamed owner/id columns are followed."""
     r = await relay()

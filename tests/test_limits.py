@@ -277,6 +277,73 @@ async def _true(value: bool) -> bool:
     return value
 
 
+async def test_the_send_budget_is_back_to_zero_once_everything_is_read(relay, client):
+    """Replies (one socket's frames) and fan-out (bodies shared by sockets) are
+    counted in the process-wide send budget while queued, and uncounted once
+    written: after the traffic, nothing is left counted, so the budget can still
+    hold as much as it was given."""
+    r = await relay(send_queue_total_bytes=4 * 1024 * 1024, messages_per_second=0)
+    room = random_name()
+    a, b = await client(r), await client(r)
+    for c in (a, b):
+        await c.auth(r.token("u", "1"))
+        await c.join(room)
+    alone = random_name()  # a body queued for one socket only
+    await a.join(alone)
+    payload = "x" * 10_000
+    for i in range(30):
+        await a.send(type="echo", data=f"{i}-{payload}")
+        await a.send(type="chan_in", channel=room, data=f"{i}-{payload}", token=a.token)
+        await a.send(type="chan_in", channel=alone, data=f"{i}-{payload}", token=a.token)
+    got_a = [await a.recv() for _ in range(150)]  # echo, and ok and chan_out twice, for each
+    got_b = [await b.expect("chan_out") for _ in range(30)]
+    assert [f["type"] for f in got_a].count("echo") == 30
+    assert [f["channel"] for f in got_a if f["type"] == "chan_out"].count(alone) == 30
+    assert [f["data"] for f in got_b] == [f"{i}-{payload}" for i in range(30)]
+    budget = r.state.hub.budget
+    await eventually(lambda: budget.total == 0 and not budget.holders, what="nothing counted")
+    assert all(s.queued_bytes == 0 for s in r.state.hub.sockets.values())
+
+
+async def test_a_cut_off_consumer_leaves_nothing_counted(relay, client):
+    """A consumer that reads nothing has replies (its own frames) and fan-out
+    (shared bodies) queued: its queue never holds more than its byte cap; when
+    cut off, the queue is dropped and
+    uncounted. Once the others have read everything, the send budget is empty."""
+    cap = 256 * 1024
+    r = await relay(send_queue_frames=100_000, send_queue_bytes=cap, messages_per_second=0)
+    room = random_name()
+    slow, sender = await client(r), await client(r)
+    for c in (slow, sender):
+        await c.auth(r.token("u", "1"))
+        await c.join(room)
+    hub = r.state.hub
+    victim = hub.sockets[slow.sid]
+    peak = 0
+    for n in range(1, 2001):
+        await slow.send(type="echo", data=f"{n}-" + "y" * 10_000)
+        await sender.publish(room, f"{n}-" + "x" * 20_000)
+        assert (await sender.expect("chan_out", timeout=30))["data"].startswith(f"{n}-")
+        if victim.closing:
+            break
+        peak = max(peak, victim.queued_bytes)
+    else:
+        raise AssertionError("the slow consumer was never cut off")
+    assert victim.close_code is CloseCode.SLOW_CONSUMER
+    assert 0 < peak <= cap
+    assert victim.queued_bytes == 0  # dropped
+    for i in range(3):
+        await sender.publish(room, f"after-{i}")
+        assert (await sender.expect("chan_out"))["data"] == f"after-{i}"
+    assert victim.queued_bytes == 0
+    budget = hub.budget
+    await eventually(lambda: budget.total == 0 and not budget.holders, what="nothing counted")
+    # Reading at last: what was on its way, then the close frame and why.
+    while (msg := await slow.ws.receive(timeout=30)).type is not WSMsgType.CLOSE:
+        assert msg.type is WSMsgType.TEXT, msg
+    assert (msg.data, msg.extra) == (4001, "slow consumer: too many frames queued")
+
+
 # --- heartbeats -------------------------------------------------------------------------------
 
 

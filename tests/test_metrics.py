@@ -19,6 +19,7 @@ import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RelayHandle, free_port, random_name
+from tests.helpers import readyz
 from tests.test_outage import OwnPostgres, own_pg, relay_on  # noqa: F401  (fixtures)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -156,12 +157,6 @@ async def test_cuts_are_counted(relay, client):
     assert value(m, "relay_cuts_total", reason="abuse") == 1
     assert value(m, "relay_closes_total", code="4000") == 1
     assert value(m, "relay_errors_total", reason="rate limit") == 1
-
-
-async def readyz(r: RelayHandle) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as http, http.get(r.http_url + "/readyz") as resp:
-        body: dict[str, Any] = await resp.json()
-        return resp.status, body
 
 
 async def healthz_status(r: RelayHandle) -> int:

@@ -16,7 +16,9 @@ from typing import Any
 import asyncpg
 import pytest
 
+from relay.views import MAX_KNOWN, View
 from tests.conftest import WsClient
+from tests.helpers import collect
 
 # (filter, the same in SQL, a value of n and of status that passes it)
 FILTERS = [
@@ -338,3 +340,47 @@ async def test_joining_again_without_the_filter_drops_it(relay, client, db) -> N
     assert got == [1, 9]
     assert json.loads((await other.expect("db_created"))["data"])["n"] == 9
     await asyncio.gather(c.silent(), other.silent())
+
+
+async def test_a_filtered_subscriber_gets_updates_of_its_rows_and_no_word_of_others(
+    relay, client, db
+) -> None:
+    """A row that comes into sight but fails the filter is not mentioned; a row in
+    the filter is created, updated (db_updated, not a second db_created), then
+    deleted when it moves out of it."""
+    r = await relay()
+    table = await make_table(db)
+    view = await join_view(r, client, table, "a", "1", filter="n=gt.5")
+    hidden = await db.fetchval(
+        f"INSERT INTO {table} (owner_id, account_id, n) VALUES ('b', '2', 9) RETURNING id"
+    )
+    # Now readable, but outside the filter: nothing to tell a client that never had it.
+    await db.execute(f"UPDATE {table} SET account_id = '1', n = 1 WHERE id = $1", hidden)
+    row = await db.fetchval(
+        f"INSERT INTO {table} (owner_id, account_id, n) VALUES ('a', '1', 9) RETURNING id"
+    )
+    await db.execute(f"UPDATE {table} SET n = 8, v = 1 WHERE id = $1", row)
+    await db.execute(f"UPDATE {table} SET n = 2, v = 2 WHERE id = $1", row)
+    got = await collect(view.client, 3)
+    assert [(f["type"], json.loads(f["data"])["id"]) for f in got] == [
+        ("db_created", row),
+        ("db_updated", row),
+        ("db_deleted", row),
+    ]
+    assert json.loads(got[1]["data"])["n"] == 8
+    await view.client.silent(0.2)
+
+
+def test_a_view_past_its_memory_bound_tells_every_departure() -> None:
+    """After a snapshot a view knows every row its client holds, and a row it
+    never sent is not mentioned when it goes; past MAX_KNOWN remembered ids it
+    forgets them and, no longer sure, tells every departure."""
+    view = View(lambda row: True, source="n=gt.0", complete=True)
+    for i in range(MAX_KNOWN):
+        view.remember(str(i))
+    assert view.frame_type("d", "never-sent", None, True, False) is None
+    assert view.frame_type("d", "0", None, True, False) == "db_deleted"
+    view.remember("0")
+    view.remember("one too many")
+    assert view.frame_type("d", "never-sent", None, True, False) == "db_deleted"
+    assert view.frame_type("u", "one too many", {"n": 1}, True, True) == "db_updated"

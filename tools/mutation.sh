@@ -44,16 +44,29 @@ DBHUB_SCOPE="Held.hold Held.pop Position Event.pos Event.deleted_data RepoSubscr
 LISTENER_SCOPE="event_from_record Listener._run Listener._follow Listener._sleep Listener._drain Listener._dispatch"
 VIEWS="tests/test_views.py tests/test_filters.py"
 # dbhub.py's tests: units first, then the functional tests of the permission
-# filter and of resumes (a truncate in a replay, filtered subscribers and
-# snapshots where dispatch and replay_event branch for them); not the phones of
-# test_dbjoin.py (pool and flow control: dbjoin's).
-DBHUB_TESTS="tests/test_dbhub.py tests/test_permissions.py $DBEVENTS $RESUME tests/test_edges.py::test_a_paused_session_resumes_each_db_channel_where_it_stopped tests/test_edges.py::test_truncate_reaches_subscribers_and_resumes_in_order tests/test_views.py::test_a_filtered_subscriber_outlives_the_last_plain_one tests/test_views.py::test_joining_again_without_the_filter_drops_it tests/test_views.py::test_a_filtered_resume_replays_through_the_filter tests/test_views.py::test_snapshot_is_consistent_with_a_writer_committing_throughout $FILTER"
+# filter and of resumes (a truncate or a drop in a replay, filtered subscribers and
+# snapshots where dispatch and replay_event branch for them); of the phones of
+# test_dbjoin.py (pool and flow control: dbjoin's) only the one whose session
+# ends mid-replay or mid-release (the position a paused channel resumes from).
+DBHUB_TESTS="tests/test_dbhub.py tests/test_permissions.py $DBEVENTS $RESUME tests/test_edges.py::test_a_paused_session_resumes_each_db_channel_where_it_stopped tests/test_edges.py::test_truncate_reaches_subscribers_and_resumes_in_order tests/test_edges.py::test_a_resume_across_a_drop_of_its_table_says_so_and_stops_there tests/test_dbjoin.py::test_a_session_expiring_mid_resume_resumes_where_it_stopped tests/test_views.py::test_a_filtered_subscriber_outlives_the_last_plain_one tests/test_views.py::test_joining_again_without_the_filter_drops_it tests/test_views.py::test_a_filtered_resume_replays_through_the_filter tests/test_views.py::test_snapshot_is_consistent_with_a_writer_committing_throughout $FILTER"
 # dbjoin.py: the resume path (join_db, the position check, the paged replay);
 # the snapshot and filter parts (_snapshot, _view) are the views' tests' own.
 # Its runner puts the quick functional tests first and the heavy replays last.
 DBJOIN_SCOPE="JoinOptions join_db _check_position _replay"
 V=tests/test_views.py
 DBJOIN_TESTS="$E::test_unwatched_table_is_refused_and_a_new_watch_is_joinable_at_once $E::test_contract_example_tasks_760 $RESUME $V::test_a_filtered_resume_replays_through_the_filter $V::test_invalid_join_options_get_a_readable_error $V::test_snapshot_then_stream tests/test_expiry.py::test_session_expiring_during_a_db_join_is_not_subscribed tests/test_expiry.py::test_fresh_auth_after_expiry_rejoins_the_paused_channels tests/test_dbjoin.py"
+# hub.py: the send path (queue caps, shared bodies, the budget's accounting, the
+# flusher's writes, the writer task, flow control, closes) and the fan-out of
+# chat messages; not the socket's constructor and properties, start, the
+# shutdown helpers, nor the channel registry (join/leave: the broker's tests).
+HUB_SCOPE="Socket.send Socket.send_shared Socket._admit Socket._enqueue Socket._mark Socket._account_out Socket._drop_queue Socket.flush Socket._write_some Socket._write_rest Socket.has_room Socket.wait_writable Socket.close Socket._cut_off Socket._lost Hub.deliver send_to"
+# Its tests: the contract, limits (slow consumers), the broker; and the two that
+# reach the rest of the send path: the process-wide send budget and a replay
+# that stalls (wait_writable's deadline). Not the two limits tests that wait
+# out timers outside the scope (heartbeats, the slow peer's drop: 10 s each),
+# nor expiry's (sessions; 15 s): they cost every surviving mutant 35 s.
+L=tests/test_limits.py
+HUB_TESTS="tests/test_contract.py $L --deselect $L::test_peer_that_does_not_answer_pings_is_reaped --deselect $L::test_a_cut_off_peer_that_still_reads_nothing_is_dropped tests/test_broker.py tests/test_hostile.py::test_the_process_wide_send_budget_cuts_the_biggest_queues tests/test_dbjoin.py::test_a_resume_that_stops_reading_is_cut_off"
 declare -A PLAN=(
   [permissions]="relay/permissions.py|tests/test_permissions.py tests/test_dbhub.py $FILTER"
   [dbhub]="relay/dbhub.py|$DBHUB_TESTS|$DBHUB_SCOPE"
@@ -61,7 +74,7 @@ declare -A PLAN=(
   [views]="relay/views.py|tests/test_dbhub.py $VIEWS"
   [filters]="relay/filters.py|tests/test_filters.py"
   [listener]="relay/listener.py|$LISTEN|$LISTENER_SCOPE"
-  [hub]="relay/hub.py|tests/test_contract.py tests/test_limits.py tests/test_broker.py tests/test_expiry.py"
+  [hub]="relay/hub.py|$HUB_TESTS|$HUB_SCOPE"
   [broker]="relay/broker|tests/test_broker.py"
 )
 ORDER=(permissions filters views dbhub dbjoin listener hub broker)
