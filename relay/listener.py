@@ -189,6 +189,8 @@ class Listener:
     async def _follow(self, conn: asyncpg.Connection) -> None:
         """Long-poll while events flow; when the log goes quiet, hand over to NOTIFY and sleep."""
         wait_ms = max(1, round(self.idle_after_seconds * 1000))
+        # First a poll that does not wait: caught up (and ready) at once.
+        await self._drain(conn)
         while not conn.is_closed():
             if not await self._drain(conn, wait_ms):
                 # Nothing for idle_after_seconds.
