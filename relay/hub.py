@@ -25,7 +25,7 @@ from aiohttp.base_protocol import BaseProtocol
 from relay import protocol
 from relay.auth import Identity
 from relay.broker.base import BrokerError
-from relay.limits import ERROR_BUDGET, ERROR_WINDOW, ErrorBudget, SocketLimits
+from relay.limits import SocketLimits
 from relay.logsafe import clean
 from relay.metrics import Counts
 from relay.outbox import PREFIX_LENGTH, WRITE_CHUNK, Body, SendBudget, frame_header
@@ -99,7 +99,7 @@ class Socket:
         self.token: str | None = None
         self.channels: set[str] = set()
         # What the relay meters on this socket (unmetered but for the error budget by default).
-        self.limits = limits or SocketLimits(None, ErrorBudget(ERROR_BUDGET, ERROR_WINDOW))
+        self.limits = limits or SocketLimits(None)
         # A frame for this socket alone (str), or a body shared with others.
         # A list, not a deque: it is emptied a write at a time, and an idle
         # socket's empty list is a tenth of an empty deque's size.

@@ -67,6 +67,7 @@ class RelayState:
     jwt_secret: str | None = None
     hub: Hub = field(init=False)
     admission: Admission = field(init=False)
+    expiry: sessions.Expiry = field(init=False)
     dbhub: DbHub = field(default_factory=DbHub)
     broker: Broker = field(init=False)
     db: Database | None = None
@@ -89,6 +90,7 @@ class RelayState:
             per_address=s.max_unauthenticated_per_address,
             grace=s.auth_grace_seconds,
         )
+        self.expiry = sessions.Expiry(self.hub, self.dbhub, self.listener_position)
 
     def listener_position(self) -> Position:
         """What a live db- subscription has received so far."""
@@ -189,6 +191,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await chore
     await state.listener.stop()
+    state.expiry.close()
+    state.admission.close()
     if state.db_outage is not None:
         state.db_outage.cancel()
     await state.broker.close()
@@ -383,7 +387,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         counted = True
         try:
             state.admission.discard(socket)
-            sessions.forget(socket)
+            state.expiry.forget(socket)
             state.dbhub.unsubscribe_all(socket)
             if _gone(request.transport):
                 state.per_app[app.id] -= 1
@@ -487,7 +491,7 @@ def _report(
     log.info(
         "client error sid=%s channel=%s error=%s", socket.id, clean(channel), clean(err.message)
     )
-    spent = blame and socket.limits.budget.spend(time.monotonic())
+    spent = blame and socket.limits.spend_error(time.monotonic())
     if err.close_code is not None or spent:
         code = err.close_code or CloseCode.ABUSE
         log.warning("closing abusive socket sid=%s code=%s", socket.id, int(code))
@@ -537,7 +541,7 @@ async def on_auth(state: RelayState, app: App, socket: Socket, frame: ClientFram
         for name in list(socket.channels):
             if protocol.is_db_channel(name):
                 state.dbhub.reindex(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
-    sessions.arm(state.hub, state.dbhub, socket, state.listener_position)
+    state.expiry.arm(socket)
     chat, paused = await sessions.resume(state.hub, socket)
     socket.reply("token", socket.token)
     for name in chat:  # channels paused when the previous session expired
