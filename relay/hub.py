@@ -25,6 +25,7 @@ from aiohttp.base_protocol import BaseProtocol
 from relay import protocol
 from relay.auth import Identity
 from relay.broker.base import BrokerError
+from relay.heartbeat import PING_FRAME
 from relay.limits import SocketLimits
 from relay.logsafe import clean
 from relay.metrics import Counts
@@ -75,6 +76,7 @@ class Socket:
         "id",
         "identity",
         "limits",
+        "pinged",
         "token",
         "ws",
     )
@@ -118,6 +120,8 @@ class Socket:
         self._room: asyncio.Event | None = None  # made by the first wait_writable
         self._closing: CloseCode | None = None
         self._close_reason = ""
+        # Pinged by the heartbeat's last round, no data seen since (relay.heartbeat).
+        self.pinged = False
         # Writes what the transport would not take yet, then closes, if asked to.
         self._writer: asyncio.Task[None] | None = None
 
@@ -352,6 +356,24 @@ class Socket:
                 ),
                 SLOW_CLOSE_SECONDS,
             )
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._transport
+
+    def ping(self) -> bool:
+        """Write a WebSocket ping (behind what is already written); False if it cannot be."""
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._closing is not None:
+            return False
+        transport.write(PING_FRAME)
+        return True
+
+    def abort(self) -> None:
+        """Drop the connection at once (its peer is dead): nothing queued is kept."""
+        self._lost()
+        if self._transport is not None:
+            self._transport.abort()
 
     @property
     def closing(self) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncpg
 from aiohttp import WSMsgType, web
 
-from relay import admin, logs, protocol, sessions
+from relay import admin, heartbeat, logs, protocol, sessions
 from relay.admission import Admission
 from relay.auth import TokenRejected, TokenVerifier, load_public_key, new_socket_token, same_token
 from relay.broker import Broker, BrokerError, create_broker
@@ -184,6 +184,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(_prune_forever(state), name="relay-pruner"),
         asyncio.create_task(_check_apps_forever(state), name="relay-app-check"),
     ]
+    if state.settings.heartbeat_seconds:
+        beat = heartbeat.Heartbeat(state.settings.heartbeat_seconds)
+        sockets = state.hub.sockets.values()
+        chores.append(asyncio.create_task(beat.run(sockets), name="relay-heartbeat"))
     log.info("relay ready")
     yield
     for chore in chores:
@@ -314,8 +318,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         log.info("origin refused app=%s", app.id)
         raise web.HTTPForbidden(text="origin not allowed for this app")
 
+    # The relay's heartbeat watches TCP connections itself (relay.heartbeat); others get aiohttp's.
+    beat = state.settings.heartbeat_seconds or None
     ws = web.WebSocketResponse(
-        heartbeat=state.settings.heartbeat_seconds or None,
+        heartbeat=None if beat is None or heartbeat.watches(request.transport) else beat,
         max_msg_size=HARD_FRAME_LIMIT,
         compress=False,  # no permessage-deflate: see README, "Limits and plans"
     )
