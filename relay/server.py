@@ -387,6 +387,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 break
             if socket.closing:
                 break
+            del msg  # not held (with its text) while the socket idles
     finally:
         # The app counts the connection until its transport is gone (at once
         # after a clean close), not merely until the hub forgets the socket.
