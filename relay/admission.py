@@ -46,6 +46,8 @@ REPLACED = (
 # the error and close frames go out, and how long it may keep sending at most.
 TRIP_QUIET = 0.1
 TRIP_LINGER = 2.0
+# The event loop may run a timer a hair before its time: deadlines this close count as reached.
+EARLY = 0.001
 
 
 def _nothing() -> None:
@@ -100,6 +102,10 @@ class PreAuthGuard(asyncio.Protocol):
         if self._transport.get_protocol() is self:
             self._transport.set_protocol(self._inner)
 
+    def disarm(self) -> None:
+        """Never call ``on_trip`` (nor keep what it refers to alive)."""
+        self._on_trip = _nothing
+
     def data_received(self, data: bytes) -> None:
         if self._tripped_at is None:
             self._left -= len(data)
@@ -141,13 +147,19 @@ class _Pending:
     socket: Socket
     app_id: str
     address: str
-    since: float
-    timer: asyncio.TimerHandle | None = None
+    since: float  # loop time
     guard: PreAuthGuard | None = None
 
 
 class Admission:
-    """The pending (unauthenticated) sockets of one relay process, oldest first."""
+    """The pending (unauthenticated) sockets of one relay process, oldest first.
+
+    Every pending socket has the same time to authenticate, so the oldest is
+    always the next to run out of it: one timer for the process, set for the
+    oldest's deadline, rather than one per socket (a timer cancelled by an
+    ``auth`` would stay in the event loop's heap, with its context, until its
+    deadline came).
+    """
 
     def __init__(
         self,
@@ -169,6 +181,7 @@ class Admission:
         self._all: dict[str, _Pending] = {}
         self._by_app: dict[str, dict[str, _Pending]] = {}
         self._by_address: dict[str, dict[str, _Pending]] = {}
+        self._timer: asyncio.TimerHandle | None = None
 
     def pending(self, app_id: str | None = None) -> int:
         """How many sockets are unauthenticated (in one app, or in all)."""
@@ -202,10 +215,10 @@ class Admission:
 
     def add(self, socket: Socket, address: str, transport: asyncio.BaseTransport | None) -> None:
         """Track a new socket until it authenticates; arm its deadline and byte budget."""
-        entry = _Pending(socket, socket.app_id, address, time.monotonic())
-        if self.timeout > 0:
-            loop = asyncio.get_running_loop()
-            entry.timer = loop.call_later(self.timeout, self._expire, entry)
+        loop = asyncio.get_running_loop()
+        entry = _Pending(socket, socket.app_id, address, loop.time())
+        if self.timeout > 0 and self._timer is None:
+            self._timer = loop.call_at(entry.since + self.timeout, self._expire_due)
         entry.guard = PreAuthGuard.install(
             transport, self.preauth_bytes, lambda: self._too_much(entry)
         )
@@ -227,8 +240,8 @@ class Admission:
         entry = self._all.pop(sid, None)
         if entry is None:
             return None
-        if entry.timer is not None:
-            entry.timer.cancel()
+        if entry.guard is not None:
+            entry.guard.disarm()  # it refers to the entry: no cycle left for the GC
         for index, key in ((self._by_app, entry.app_id), (self._by_address, entry.address)):
             scope = index.get(key)
             if scope is not None:
@@ -240,20 +253,36 @@ class Admission:
     def _evict_oldest(self, scope: dict[str, _Pending]) -> bool:
         """Close the oldest socket of ``scope`` if it has had its grace; True if one was."""
         oldest = next(iter(scope.values()), None)
-        if oldest is None or time.monotonic() - oldest.since < self.grace:
+        now = asyncio.get_running_loop().time()
+        if oldest is None or now - oldest.since < self.grace:
             return False
         self._forget(oldest.socket.id)
         log.info("unauthenticated socket replaced sid=%s app=%s", oldest.socket.id, oldest.app_id)
         self._end(oldest, REPLACED, CloseCode.POLICY, "replaced by a new connection")
         return True
 
-    def _expire(self, entry: _Pending) -> None:
-        entry.timer = None
-        self._forget(entry.socket.id)
-        log.info("authentication timeout sid=%s app=%s", entry.socket.id, entry.app_id)
-        self._end(
-            entry, AUTH_TIMEOUT.format(self.timeout), CloseCode.POLICY, "authentication timeout"
-        )
+    def close(self) -> None:
+        """Stop the deadline timer (the relay is shutting down)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire_due(self) -> None:
+        """Close every socket past its deadline; set the timer for the next one."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time() + EARLY
+        while self._all:
+            entry = next(iter(self._all.values()))
+            deadline = entry.since + self.timeout
+            if deadline > now:
+                self._timer = loop.call_at(deadline, self._expire_due)
+                return
+            self._forget(entry.socket.id)
+            log.info("authentication timeout sid=%s app=%s", entry.socket.id, entry.app_id)
+            self._end(
+                entry, AUTH_TIMEOUT.format(self.timeout), CloseCode.POLICY, "authentication timeout"
+            )
 
     def _too_much(self, entry: _Pending) -> None:
         self._forget(entry.socket.id)

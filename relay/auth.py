@@ -126,27 +126,13 @@ class TokenVerifier:
         key = key if key is not None else self._key
         if key is None:
             raise TokenRejected("this app's keys come from a JWKS URL")
-        options: Any = {"require": ["sub", "exp"]}
+        # One decode: the audience is checked here, below, so that a token without
+        # 'aud' is not decoded (and its signature checked) a second time.
+        options: Any = {"require": ["sub", "exp"], "verify_aud": False}
         try:
-            try:
-                claims = jwt.decode(
-                    token,
-                    key,
-                    algorithms=self._algorithms,
-                    audience=self.audience,
-                    issuer=self.issuer,
-                    options=options,
-                )
-            except jwt.MissingRequiredClaimError as err:
-                if err.claim != "aud" or self.audience_required:
-                    raise
-                # No audience named: acceptable for an app whose key is its own.
-                options["verify_aud"] = False
-                claims = jwt.decode(
-                    token, key, algorithms=self._algorithms, issuer=self.issuer, options=options
-                )
-        except jwt.InvalidAudienceError:
-            raise TokenRejected("audience (aud) does not name this app") from None
+            claims = jwt.decode(
+                token, key, algorithms=self._algorithms, issuer=self.issuer, options=options
+            )
         except jwt.MissingRequiredClaimError as err:
             raise TokenRejected(f"missing claim {err.claim!r}") from None
         except jwt.ExpiredSignatureError:
@@ -155,7 +141,24 @@ class TokenVerifier:
             raise TokenRejected("bad signature (a token of another app?)") from None
         except (jwt.PyJWTError, ValueError, TypeError, OverflowError) as err:
             raise TokenRejected(f"malformed ({type(err).__name__})") from None
+        self._check_audience(claims.get("aud"))
         return self._identity(claims)
+
+    def _check_audience(self, aud: Any) -> None:
+        """PyJWT's audience rule, but a token naming no audience is let through
+        unless this app requires one."""
+        if not aud:
+            if self.audience is not None and self.audience_required:
+                raise TokenRejected("missing claim 'aud'")
+            return
+        names = [aud] if isinstance(aud, str) else aud
+        if (
+            self.audience is None
+            or not isinstance(names, list)
+            or not all(isinstance(n, str) for n in names)
+            or self.audience not in names
+        ):
+            raise TokenRejected("audience (aud) does not name this app")
 
     def _identity(self, claims: dict[str, Any]) -> Identity:
         user = claims.get("sub")

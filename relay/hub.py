@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import uuid
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,8 @@ from aiohttp.base_protocol import BaseProtocol
 from relay import protocol
 from relay.auth import Identity
 from relay.broker.base import BrokerError
-from relay.limits import ERROR_BUDGET, ERROR_WINDOW, ErrorBudget, SocketLimits
+from relay.heartbeat import PING_FRAME
+from relay.limits import SocketLimits
 from relay.logsafe import clean
 from relay.metrics import Counts
 from relay.outbox import PREFIX_LENGTH, WRITE_CHUNK, Body, SendBudget, frame_header
@@ -40,6 +42,24 @@ ChannelKey = tuple[str, str]  # (app id, channel name)
 # A slow consumer's time to read its backlog and the close frame before the
 # connection is dropped outright.
 SLOW_CLOSE_SECONDS = 10.0
+
+
+class Channels(list[str]):
+    """The channels one socket has joined: a set's methods on a list.
+
+    A socket joins a few channels (at most ``max_channels_per_socket``), and an
+    empty ``set`` alone is 216 bytes on every idle socket; a list is 56.
+    """
+
+    __slots__ = ()
+
+    def add(self, name: str) -> None:
+        if name not in self:
+            self.append(name)
+
+    def discard(self, name: str) -> None:
+        if name in self:
+            self.remove(name)
 
 
 class Socket:
@@ -59,7 +79,6 @@ class Socket:
         "_close_reason",
         "_closing",
         "_marked",
-        "_prefix",
         "_protocol",
         "_queue",
         "_queue_bytes",
@@ -75,6 +94,7 @@ class Socket:
         "id",
         "identity",
         "limits",
+        "pinged",
         "token",
         "ws",
     )
@@ -97,18 +117,17 @@ class Socket:
         self.ws = ws
         self.identity: Identity | None = None
         self.token: str | None = None
-        self.channels: set[str] = set()
+        self.channels = Channels()
         # What the relay meters on this socket (unmetered but for the error budget by default).
-        self.limits = limits or SocketLimits(None, ErrorBudget(ERROR_BUDGET, ERROR_WINDOW))
+        self.limits = limits or SocketLimits(None)
         # A frame for this socket alone (str), or a body shared with others.
-        # A list, not a deque: it is emptied a write at a time, and an idle
-        # socket's empty list is a tenth of an empty deque's size.
-        self._queue: list[str | Body] = []
+        # A list, not a deque: it is emptied a write at a time; and no list at
+        # all (the shared empty tuple) while there is nothing to send.
+        self._queue: list[str | Body] | tuple[()] = ()
         self._queue_limit = queue_limit
         # Counted in characters of the queued JSON text (bytes, for ASCII).
         self._queue_bytes = queue_bytes
         self._queued_bytes = 0
-        self._prefix = protocol.with_sid(self.id, "").encode()
         self._budget = budget or SendBudget(None)
         self._transport = transport
         # aiohttp's protocol of the connection: it knows when the transport has drained.
@@ -118,6 +137,8 @@ class Socket:
         self._room: asyncio.Event | None = None  # made by the first wait_writable
         self._closing: CloseCode | None = None
         self._close_reason = ""
+        # Pinged by the heartbeat's last round, no data seen since (relay.heartbeat).
+        self.pinged = False
         # Writes what the transport would not take yet, then closes, if asked to.
         self._writer: asyncio.Task[None] | None = None
 
@@ -137,7 +158,7 @@ class Socket:
 
     def send_shared(self, body: Body) -> None:
         """Queue a frame whose body other sockets share; counted once in the budget."""
-        size = len(self._prefix) + len(body.data)
+        size = PREFIX_LENGTH + len(body.data)
         if self._admit(size, 0 if body.refs else len(body.data)):
             body.refs += 1
             if body.refs == 1:
@@ -163,7 +184,11 @@ class Socket:
         return self._closing is None
 
     def _enqueue(self, item: str | Body, size: int) -> None:
-        self._queue.append(item)
+        queue = self._queue
+        if isinstance(queue, list):
+            queue.append(item)
+        else:
+            self._queue = [item]
         self._queued_bytes += size
         self._budget.holders.add(self)
         if not self._marked and self._writer is None and self._started:
@@ -179,7 +204,7 @@ class Socket:
             self._queued_bytes -= len(item)
             self._budget.total -= len(item)
         else:
-            self._queued_bytes -= len(self._prefix) + len(item.data)
+            self._queued_bytes -= PREFIX_LENGTH + len(item.data)
             item.refs -= 1
             if not item.refs:
                 self._budget.total -= len(item.data)
@@ -189,7 +214,7 @@ class Socket:
             self._budget.holders.discard(self)
 
     def _drop_queue(self) -> None:
-        queue, self._queue = self._queue, []
+        queue, self._queue = self._queue, ()
         for item in queue:
             self._account_out(item)
 
@@ -214,7 +239,9 @@ class Socket:
         if transport.is_closing():
             self._lost()
             return True
-        prefix = self._prefix
+        if not isinstance(queue, list):
+            queue = []  # nothing queued (flush does not call for that; _write_rest may)
+        prefix = self.prefix
         plen = len(prefix)
         assert plen == PREFIX_LENGTH  # what each Body's header counts on
         counts, budget = self.counts, self._budget
@@ -246,6 +273,7 @@ class Socket:
             budget.total -= freed
             transport.write(b"".join(parts))
         if not queue:
+            self._queue = ()
             budget.holders.discard(self)
         if self._room is not None and self.has_room:
             self._room.set()
@@ -354,6 +382,30 @@ class Socket:
             )
 
     @property
+    def prefix(self) -> bytes:
+        """What goes in front of a shared body: ``{"sid":"<id>``. Made per write, not
+        kept: a few bytes less on every idle socket."""
+        return protocol.with_sid(self.id, "").encode()
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._transport
+
+    def ping(self) -> bool:
+        """Write a WebSocket ping (behind what is already written); False if it cannot be."""
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._closing is not None:
+            return False
+        transport.write(PING_FRAME)
+        return True
+
+    def abort(self) -> None:
+        """Drop the connection at once (its peer is dead): nothing queued is kept."""
+        self._lost()
+        if self._transport is not None:
+            self._transport.abort()
+
+    @property
     def closing(self) -> bool:
         return self._closing is not None
 
@@ -399,7 +451,9 @@ class Hub:
         self.broker = broker
         self.budget = budget or SendBudget(None)
         self.sockets: dict[str, Socket] = {}
-        self._members: dict[ChannelKey, set[Socket]] = {}
+        # Each channel's members: a dict used as a set (at 10,000 members a set's
+        # table is about twice a dict's, per member).
+        self._members: dict[ChannelKey, dict[Socket, None]] = {}
         # Serializes broker (un)subscriptions so a join and the last leave of
         # one channel cannot interleave and leave it silently unsubscribed.
         self._subscriptions = asyncio.Lock()
@@ -428,22 +482,23 @@ class Hub:
             async with self._subscriptions:
                 if key not in self._members:
                     await self.broker.subscribe(socket.app_id, name)
-                    self._members[key] = set()
+                    self._members[key] = {}
         try:
             if admit is not None:
                 admit()
         except Exception:
             await self._drop_if_empty(key)
             raise
-        self._members[key].add(socket)
-        socket.channels.add(name)
+        self._members[key][socket] = None
+        # One string for the name however many sockets join it.
+        socket.channels.add(sys.intern(name))
 
     async def leave(self, socket: Socket, name: str) -> None:
         key = (socket.app_id, name)
         socket.channels.discard(name)
         members = self._members.get(key)
         if members is not None:
-            members.discard(socket)
+            members.pop(socket, None)
             await self._drop_if_empty(key)
 
     async def _drop_if_empty(self, key: ChannelKey) -> None:

@@ -1,11 +1,11 @@
-"""Per-socket limits: message rate, error budget and the session's expiry timer.
+"""Per-socket limits: message rate and error budget.
 
 Each socket gets one :class:`SocketLimits`. Its rate limit is a token bucket
 (``rate`` frames a second, bursts of up to ``burst``); every frame a client
 sends, well-formed or not, takes a token. Refused frames and malformed ones
 spend the error budget; a socket that spends it all within the window is
-abusive and is closed with code 4000. The session timer is one
-``loop.call_at`` per socket, re-armed by every successful ``auth``.
+abusive and is closed with code 4000. (The session's expiry is kept by
+:mod:`relay.sessions`, one timer for the whole process.)
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from relay.protocol import RelayError
+
+if TYPE_CHECKING:
+    from relay.auth import Identity
 
 # Defaults for Settings.error_budget and Settings.error_window_seconds: more
 # errors than ERROR_BUDGET within ERROR_WINDOW seconds close a socket (4000).
@@ -52,63 +55,59 @@ class RateLimit:
         return True
 
 
-class ErrorBudget:
-    """At most ``limit`` errors within any ``window`` seconds."""
-
-    __slots__ = ("_times", "limit", "window")
-
-    def __init__(self, limit: int, window: float) -> None:
-        self.limit = limit
-        self.window = window
-        self._times: deque[float] | None = None  # made by the first error
-
-    def spend(self, now: float) -> bool:
-        """Record one error; True when this one goes over the budget."""
-        if self._times is None:
-            self._times = deque()
-        times = self._times
-        times.append(now)
-        while times and now - times[0] >= self.window:
-            times.popleft()
-        return len(times) > self.limit
-
-
 class SocketLimits:
-    """Everything the relay meters on one socket."""
+    """Everything the relay meters on one socket.
 
-    __slots__ = ("_timer", "budget", "expiring", "paused_at", "rate", "suspended")
+    Its error budget: at most ``error_limit`` errors within any ``error_window``
+    seconds. One per socket, so nothing is allocated until it is needed (the
+    error times at the first error, the paused channels at a session's expiry).
+    """
 
-    def __init__(self, rate: RateLimit | None, budget: ErrorBudget) -> None:
+    __slots__ = (
+        "_errors",
+        "armed",
+        "error_limit",
+        "error_window",
+        "expiring",
+        "paused_at",
+        "rate",
+        "suspended",
+    )
+
+    def __init__(
+        self,
+        rate: RateLimit | None,
+        *,
+        error_limit: int = ERROR_BUDGET,
+        error_window: float = ERROR_WINDOW,
+    ) -> None:
         self.rate = rate
-        self.budget = budget
+        self.error_limit = error_limit
+        self.error_window = error_window
+        self._errors: deque[float] | None = None  # made by the first error
         # Channels left when the session expired, restored by the next auth.
-        self.suspended: list[str] = []
+        self.suspended: Sequence[str] = ()
         # Where each paused db- channel's stream stopped, and its filter, to resume from.
-        self.paused_at: dict[str, Any] = {}
+        self.paused_at: dict[str, Any] | None = None
         # The task suspending them, so an auth arriving meanwhile waits for it.
         self.expiring: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        # The identity whose expiry is armed (relay.sessions.Expiry), if any.
+        self.armed: Identity | None = None
 
     def check_rate(self) -> None:
         """Raise :class:`RateLimited` when this frame is over the socket's rate."""
         if self.rate is not None and not self.rate.take(time.monotonic()):
             raise RateLimited(self.rate.rate)
 
-    def arm_expiry(
-        self, expires_at: float | None, on_expiry: Callable[..., None], *args: Any
-    ) -> None:
-        """Call ``on_expiry(*args)`` once when the wall-clock time ``expires_at`` passes."""
-        self.disarm()
-        if expires_at is None:
-            return
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, expires_at - time.time())
-        self._timer = loop.call_at(loop.time() + delay, on_expiry, *args)
-
-    def disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def spend_error(self, now: float) -> bool:
+        """Record one error; True when this one goes over the budget."""
+        if self._errors is None:
+            self._errors = deque()
+        times = self._errors
+        times.append(now)
+        while times and now - times[0] >= self.error_window:
+            times.popleft()
+        return len(times) > self.error_limit
 
 
 def socket_limits(
@@ -116,4 +115,4 @@ def socket_limits(
 ) -> SocketLimits:
     """Limits for a new socket; a rate of None or 0 means unmetered."""
     bucket = RateLimit(rate, rate * burst_seconds) if rate else None
-    return SocketLimits(bucket, ErrorBudget(error_budget, error_window))
+    return SocketLimits(bucket, error_limit=error_budget, error_window=error_window)

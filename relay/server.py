@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncpg
 from aiohttp import WSMsgType, web
 
-from relay import admin, logs, protocol, sessions
+from relay import admin, heartbeat, logs, protocol, sessions
 from relay.admission import Admission
 from relay.auth import TokenRejected, TokenVerifier, load_public_key, new_socket_token, same_token
 from relay.broker import Broker, BrokerError, create_broker
@@ -67,6 +67,7 @@ class RelayState:
     jwt_secret: str | None = None
     hub: Hub = field(init=False)
     admission: Admission = field(init=False)
+    expiry: sessions.Expiry = field(init=False)
     dbhub: DbHub = field(default_factory=DbHub)
     broker: Broker = field(init=False)
     db: Database | None = None
@@ -89,6 +90,7 @@ class RelayState:
             per_address=s.max_unauthenticated_per_address,
             grace=s.auth_grace_seconds,
         )
+        self.expiry = sessions.Expiry(self.hub, self.dbhub, self.listener_position)
 
     def listener_position(self) -> Position:
         """What a live db- subscription has received so far."""
@@ -182,6 +184,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(_prune_forever(state), name="relay-pruner"),
         asyncio.create_task(_check_apps_forever(state), name="relay-app-check"),
     ]
+    if state.settings.heartbeat_seconds:
+        beat = heartbeat.Heartbeat(state.settings.heartbeat_seconds)
+        sockets = state.hub.sockets.values()
+        chores.append(asyncio.create_task(beat.run(sockets), name="relay-heartbeat"))
     log.info("relay ready")
     yield
     for chore in chores:
@@ -189,6 +195,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await chore
     await state.listener.stop()
+    state.expiry.close()
+    state.admission.close()
     if state.db_outage is not None:
         state.db_outage.cancel()
     await state.broker.close()
@@ -310,8 +318,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         log.info("origin refused app=%s", app.id)
         raise web.HTTPForbidden(text="origin not allowed for this app")
 
+    # The relay's heartbeat watches TCP connections itself (relay.heartbeat); others get aiohttp's.
+    beat = state.settings.heartbeat_seconds or None
     ws = web.WebSocketResponse(
-        heartbeat=state.settings.heartbeat_seconds or None,
+        heartbeat=None if beat is None or heartbeat.watches(request.transport) else beat,
         max_msg_size=HARD_FRAME_LIMIT,
         compress=False,  # no permessage-deflate: see README, "Limits and plans"
     )
@@ -377,13 +387,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 break
             if socket.closing:
                 break
+            del msg  # not held (with its text) while the socket idles
     finally:
         # The app counts the connection until its transport is gone (at once
         # after a clean close), not merely until the hub forgets the socket.
         counted = True
         try:
             state.admission.discard(socket)
-            sessions.forget(socket)
+            state.expiry.forget(socket)
             state.dbhub.unsubscribe_all(socket)
             if _gone(request.transport):
                 state.per_app[app.id] -= 1
@@ -487,7 +498,7 @@ def _report(
     log.info(
         "client error sid=%s channel=%s error=%s", socket.id, clean(channel), clean(err.message)
     )
-    spent = blame and socket.limits.budget.spend(time.monotonic())
+    spent = blame and socket.limits.spend_error(time.monotonic())
     if err.close_code is not None or spent:
         code = err.close_code or CloseCode.ABUSE
         log.warning("closing abusive socket sid=%s code=%s", socket.id, int(code))
@@ -537,7 +548,7 @@ async def on_auth(state: RelayState, app: App, socket: Socket, frame: ClientFram
         for name in list(socket.channels):
             if protocol.is_db_channel(name):
                 state.dbhub.reindex(socket, name[len(protocol.DB_CHANNEL_PREFIX) :])
-    sessions.arm(state.hub, state.dbhub, socket, state.listener_position)
+    state.expiry.arm(socket)
     chat, paused = await sessions.resume(state.hub, socket)
     socket.reply("token", socket.token)
     for name in chat:  # channels paused when the previous session expired

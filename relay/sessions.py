@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import math
+import time
 from collections.abc import Callable
 
 from relay import protocol
@@ -25,32 +28,123 @@ from relay.logsafe import clean
 
 log = logging.getLogger("relay.ws")
 
+# Fewer stale heap entries than this are never worth a rebuild.
+COMPACT_MIN = 64
+# How far ahead of the wall clock a deadline counts as reached when the timer runs.
+EARLY = 0.005
+
 SESSION_EXPIRED = (
     "session expired: your channels are paused; send auth with a fresh session token to rejoin them"
 )
 
 
-def arm(hub: Hub, dbhub: DbHub, socket: Socket, position: Callable[[], Position]) -> None:
-    """(Re)start the socket's one expiry timer for its current identity.
+class Expiry:
+    """Every socket's session deadline, in one heap, behind one timer for the whole process.
+
+    A timer per socket (a ``TimerHandle``, its context and arguments) is a few
+    hundred bytes on every idle socket; here a socket costs one heap entry.
+    Each entry is ``(expires_at, socket id, socket)``; it counts only while the
+    socket is still armed for that deadline (a later ``auth`` re-arms it, the
+    socket's end disarms it), so stale entries are skipped when they come up,
+    and the heap is rebuilt without them once they are the majority.
 
     ``position`` is the listener's: what a live db- subscription has received.
     """
-    limits = socket.limits
-    ident = socket.identity
-    if ident is None:
-        limits.disarm()
-        return
 
-    # A plain function and its arguments, not a closure: one per idle socket adds up.
-    limits.arm_expiry(ident.expires_at, _expired, hub, dbhub, socket, ident, position)
+    def __init__(self, hub: Hub, dbhub: DbHub, position: Callable[[], Position]) -> None:
+        self.hub = hub
+        self.dbhub = dbhub
+        self.position = position
+        self._heap: list[tuple[float, str, Socket]] = []
+        self._stale = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf  # the deadline the timer is set for
 
+    def __len__(self) -> int:
+        """Sockets armed (entries that still count)."""
+        return len(self._heap) - self._stale
 
-def _expired(
-    hub: Hub, dbhub: DbHub, socket: Socket, ident: Identity, position: Callable[[], Position]
-) -> None:
-    socket.limits.expiring = asyncio.create_task(
-        _suspend(hub, dbhub, socket, ident, position), name=f"expire-{socket.id}"
-    )
+    def arm(self, socket: Socket) -> None:
+        """(Re)start the socket's expiry for its current identity."""
+        limits = socket.limits
+        if limits.armed is not None:
+            self._stale += 1
+        ident = socket.identity
+        if ident is None or ident.expires_at is None:
+            limits.armed = None
+            return
+        limits.armed = ident
+        heapq.heappush(self._heap, (ident.expires_at, socket.id, socket))
+        self._compact()
+        if ident.expires_at < self._timer_at:
+            self._schedule()
+
+    def forget(self, socket: Socket) -> None:
+        """The socket is gone: stop its expiry and any suspension in progress."""
+        limits = socket.limits
+        if limits.armed is not None:
+            limits.armed = None
+            self._stale += 1
+            self._compact()
+        if limits.expiring is not None and not limits.expiring.done():
+            limits.expiring.cancel()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = math.inf
+
+    @staticmethod
+    def _counts(when: float, socket: Socket) -> bool:
+        armed = socket.limits.armed
+        return armed is not None and armed.expires_at == when
+
+    def _compact(self) -> None:
+        if self._stale <= COMPACT_MIN or self._stale * 2 <= len(self._heap):
+            return
+        seen: set[str] = set()
+        live = []
+        for when, sid, socket in self._heap:
+            if sid not in seen and self._counts(when, socket):
+                seen.add(sid)
+                live.append((when, sid, socket))
+        heapq.heapify(live)
+        self._heap = live
+        self._stale = 0
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = math.inf
+        if not self._heap:
+            return
+        when = self._heap[0][0]
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, when - time.time())
+        self._timer = loop.call_at(loop.time() + delay, self._fire)
+        self._timer_at = when
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        heap = self._heap
+        # A monotonic timer may run a hair before the wall clock reads the deadline.
+        now = time.time() + EARLY
+        while heap and heap[0][0] <= now:
+            when, _, socket = heapq.heappop(heap)
+            if not self._counts(when, socket):
+                self._stale -= 1
+                continue
+            ident = socket.identity
+            socket.limits.armed = None
+            if ident is not None and ident.expires_at == when:
+                socket.limits.expiring = asyncio.create_task(
+                    _suspend(self.hub, self.dbhub, socket, ident, self.position),
+                    name=f"expire-{socket.id}",
+                )
+        self._schedule()
 
 
 async def _suspend(
@@ -61,11 +155,14 @@ async def _suspend(
     names = sorted(socket.channels)
     socket.limits.suspended = names
     live = position()
+    paused = socket.limits.paused_at
     for name in names:
         if protocol.is_db_channel(name):
             repo = name[len(protocol.DB_CHANNEL_PREFIX) :]
+            if paused is None:
+                paused = socket.limits.paused_at = {}
             # In the same step as the unsubscribe: nothing is dispatched in between.
-            socket.limits.paused_at[name] = dbhub.delivered(socket, repo, live)
+            paused[name] = dbhub.delivered(socket, repo, live)
             dbhub.unsubscribe(socket, repo)
     socket.reply("error", SESSION_EXPIRED)
     log.info(
@@ -89,19 +186,11 @@ async def resume(
     if task is not None and not task.done():
         with contextlib.suppress(Exception):
             await task
-    names, limits.suspended = limits.suspended, []
-    paused, limits.paused_at = limits.paused_at, {}
+    names, limits.suspended = limits.suspended, ()
+    paused, limits.paused_at = limits.paused_at or {}, None
     chat = [name for name in names if not protocol.is_db_channel(name)]
     for name in chat:
         await hub.join(socket, name)
     if names:
         log.info("session renewed sid=%s channels=%d", socket.id, len(names))
     return chat, paused
-
-
-def forget(socket: Socket) -> None:
-    """The socket is gone: stop its timer and any suspension in progress."""
-    limits = socket.limits
-    limits.disarm()
-    if limits.expiring is not None and not limits.expiring.done():
-        limits.expiring.cancel()

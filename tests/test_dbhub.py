@@ -28,7 +28,7 @@ def make_socket(user: str, account: str | None, root: bool = False) -> Socket:
 def sent(s: Socket) -> list[dict[str, Any]]:
     """The frames queued for ``s`` (shared bodies with its sid put in front), dequeued."""
     frames = [
-        json.loads(item if isinstance(item, str) else s._prefix + item.data) for item in s._queue
+        json.loads(item if isinstance(item, str) else s.prefix + item.data) for item in s._queue
     ]
     s._drop_queue()
     return frames

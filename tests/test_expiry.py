@@ -12,6 +12,7 @@ import time
 
 import jwt
 
+from relay.sessions import COMPACT_MIN
 from tests.conftest import WsClient, random_name
 from tests.helpers import eventually, insert
 
@@ -164,3 +165,48 @@ async def test_session_expiring_during_a_db_join_is_not_subscribed(relay, client
     await insert(db, table, "alice", "1", 1)
     assert await expect_n(probe, "db_created") == 1
     await c.silent()
+
+
+def exp_of(token: str) -> float:
+    return float(jwt.decode(token, options={"verify_signature": False})["exp"])
+
+
+async def test_each_session_expires_at_its_own_deadline(relay, client):
+    """One timer serves every session: each socket is told when its own token's exp
+    passes, not before, whichever order the sockets authenticated in."""
+    r = await relay()
+    short, longer, forever = [await client(r) for _ in range(3)]
+    short_token = r.token("a", "1", ttl_seconds=2)
+    longer_token = r.token("b", "1", ttl_seconds=4)
+    await longer.auth(longer_token)  # armed first, due last of the two
+    await short.auth(short_token)
+    await forever.auth(r.token("c", "1", ttl_seconds=3600))
+
+    assert "session expired" in (await short.expect("error", timeout=EXPIRY_WAIT))["data"]
+    assert time.time() >= exp_of(short_token) - 0.01
+    await still_serving(longer)  # its own exp is a second or more later
+    assert "session expired" in (await longer.expect("error", timeout=EXPIRY_WAIT))["data"]
+    assert time.time() >= exp_of(longer_token) - 0.01
+    await still_serving(forever)
+    await still_serving(short)  # told once
+
+
+async def test_renewals_and_departures_leave_no_entries_behind(relay, client):
+    """Every auth re-arms the session; the deadlines it replaced (and those of sockets
+    that left) are dropped from the heap, so a client renewing in a loop cannot grow it."""
+    r = await relay(messages_per_second=0)
+    expiry = r.state.expiry
+    c = await client(r)
+    for i in range(300):
+        await c.auth(r.token("a", "1", ttl_seconds=3600 + i))
+    assert len(expiry) == 1
+    assert len(expiry._heap) <= 2 * COMPACT_MIN + 2
+    for _ in range(3):
+        gone = await client(r)
+        await gone.auth(r.token("g", "1", ttl_seconds=3600))
+        await gone.close()
+    await eventually(lambda: len(expiry) == 1, what="the departed sockets' deadlines dropped")
+    # The live entry still fires, at its new deadline.
+    await c.auth(r.token("a", "1", ttl_seconds=2))
+    assert "session expired" in (await c.expect("error", timeout=EXPIRY_WAIT))["data"]
+    assert len(expiry) == 0

@@ -231,6 +231,29 @@ async def test_a_socket_that_never_authenticates_is_closed_at_the_deadline(relay
     await echoes(member)  # its deadline passed too, but it had authenticated
 
 
+async def test_each_unauthenticated_socket_gets_its_own_deadline(relay, client):
+    """One timer serves every pending socket: each is closed when its own time is up,
+    oldest first, and one that authenticated in between is left alone."""
+    r = await relay(auth_timeout_seconds=1.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    first = await client(r)
+    await eventually(lambda: loop.time() > started + 0.4)  # a later connection
+    second_started = loop.time()
+    member = await client(r)
+    second = await client(r)
+    await member.auth(r.token("m", "1"))
+    frames, code = await read_until_closed(first)
+    assert "authentication timeout" in frames[0]["data"] and code == CloseCode.POLICY
+    assert loop.time() >= started + 1.0
+    assert r.state.admission.pending() == 1  # the second's time is not up yet
+    frames, code = await read_until_closed(second)
+    assert "authentication timeout" in frames[0]["data"] and code == CloseCode.POLICY
+    assert loop.time() >= second_started + 1.0
+    assert r.state.admission.pending() == 0
+    await echoes(member)
+
+
 async def test_unauthenticated_sockets_are_capped_per_address(relay, client):
     r = await relay(max_unauthenticated_per_address=3, auth_grace_seconds=60)
     pending = [await client(r) for _ in range(3)]

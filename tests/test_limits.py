@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
+from relay import heartbeat
 from relay.protocol import CloseCode
 from tests.conftest import RelayHandle, WsClient, app_token, random_name
 from tests.helpers import (
@@ -347,7 +348,16 @@ async def test_a_cut_off_consumer_leaves_nothing_counted(relay, client):
 # --- heartbeats -------------------------------------------------------------------------------
 
 
-async def test_peer_that_does_not_answer_pings_is_reaped(relay, client):
+@pytest.fixture(params=["relay", "aiohttp"])
+def heartbeat_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The relay's own heartbeat (it reads TCP_INFO), or aiohttp's per-socket one where the
+    kernel cannot say when a connection last received data (another OS)."""
+    if request.param == "aiohttp":
+        monkeypatch.setattr(heartbeat, "_TCP_INFO", None)
+    return str(request.param)
+
+
+async def test_peer_that_does_not_answer_pings_is_reaped(relay, client, heartbeat_kind):
     r = await relay(heartbeat_seconds=1.0)
     healthy = await client(r)
     await healthy.auth(r.token("u", "1"))  # or the auth deadline (10 s) would close it
@@ -371,6 +381,39 @@ async def test_peer_that_does_not_answer_pings_is_reaped(relay, client):
     await listening
     assert await sockets_open(r) == 1
     await assert_echoes(healthy)
+    watched = heartbeat.watches(r.state.hub.sockets[healthy.sid].transport)
+    assert watched is (heartbeat_kind == "relay")
+
+
+async def test_the_heartbeat_round_pings_only_quiet_sockets_and_aborts_only_silent_ones(
+    relay, client
+):
+    """Rounds driven by hand (the relay's own heartbeat is off): a socket that has sent
+    nothing for an interval is pinged; one that answers is kept; one that does not is dropped."""
+    r = await relay(heartbeat_seconds=0)
+    chatty = await client(r)
+    await chatty.auth(r.token("u", "1"))
+    beat = heartbeat.Heartbeat(0.2)
+    async with aiohttp.ClientSession() as http:
+        mute = await http.ws_connect(r.ws_url, autoping=False)
+        init = json.loads((await mute.receive(timeout=5)).data)
+        assert init["type"] == "init"
+        sockets = list(r.state.hub.sockets.values())
+        await eventually(
+            lambda: all((heartbeat.idle_seconds(s.transport) or 0) >= 0.2 for s in sockets)
+        )
+        loop = asyncio.get_running_loop()
+        await beat.round(sockets, loop.time())
+        assert all(s.pinged for s in sockets), "quiet sockets are pinged"
+        assert (await mute.receive(timeout=5)).type is WSMsgType.PING  # and no pong goes back
+        # chatty's client answers the ping as soon as it reads: wait for that, then judge.
+        await chatty.send(type="echo", data="x")
+        await chatty.expect("echo")
+        await eventually(lambda: loop.time() > beat._last_round + 0.1)  # type: ignore[operator]
+        await beat.round(sockets, loop.time())
+        assert [s.id for s in sockets if s.closing] == [init["data"]]
+        assert (await mute.receive(timeout=5)).type in CLOSED
+    await assert_echoes(chatty)
 
 
 async def flood_until_cut_off(r: RelayHandle, sender: WsClient, room: str, payload: str) -> int:
