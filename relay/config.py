@@ -80,8 +80,8 @@ class Settings:
     # More errors than this within error_window_seconds close a socket (4000).
     error_budget: int = ERROR_BUDGET
     error_window_seconds: float = ERROR_WINDOW
-    # A ping every heartbeat_seconds; a peer that does not answer within half
-    # of it is dropped (0: no pings).
+    # A socket quiet for heartbeat_seconds is pinged; a peer silent since its ping is
+    # dropped (1.5-2 intervals after its last data: relay/heartbeat.py).
     heartbeat_seconds: float = 30.0
     # How long the listener waits for a wake-up before polling the event log anyway.
     poll_seconds: float = 1.0
