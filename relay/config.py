@@ -81,7 +81,7 @@ class Settings:
     error_budget: int = ERROR_BUDGET
     error_window_seconds: float = ERROR_WINDOW
     # A socket quiet for heartbeat_seconds is pinged; a peer silent since its ping is
-    # dropped (1.5-2 intervals after its last data: relay/heartbeat.py).
+    # dropped (1.5-2 intervals after its last data: relay/heartbeat.py; 0: no pings).
     heartbeat_seconds: float = 30.0
     # How long the listener waits for a wake-up before polling the event log anyway.
     poll_seconds: float = 1.0
