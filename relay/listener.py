@@ -95,6 +95,8 @@ class Listener:
         self.dbhub = dbhub
         self.poll_seconds = poll_seconds
         self.busy_poll_seconds = busy_poll_seconds
+        # relay.poll_wait()'s check interval, in its unit.
+        self._check_ms = max(1, round(busy_poll_seconds * 1000))
         self.idle_after_seconds = idle_after_seconds
         self.last_tick: int | None = None
         # The last event dispatched, or the last tick dispatched whole: what a
@@ -242,7 +244,7 @@ class Listener:
         assert self.last_tick is not None
         started = asyncio.get_running_loop().time()
         if wait_ms:
-            check_ms = max(1, round(self.busy_poll_seconds * 1000))
+            check_ms = self._check_ms
             rows = await conn.fetch(POLL_WAIT_SQL, self.last_tick, POLL_ROWS, wait_ms, check_ms)
             # What it found was committed after its last check that saw nothing.
             self._since = max(self._since, started + (rows[0]["waited_ms"] - check_ms) / 1000)

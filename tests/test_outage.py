@@ -220,21 +220,17 @@ def _pos(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split("-"))
 
 
-def backend_pids(conn_url: str) -> Any:
-    async def pids() -> list[int]:
-        conn = await asyncpg.connect(conn_url)
-        try:
-            return [
-                r["pid"]
-                for r in await conn.fetch(
-                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend'"
-                    " AND pid <> pg_backend_pid()"
-                )
-            ]
-        finally:
-            await conn.close()
-
-    return pids()
+async def backend_pids(url: str) -> list[int]:
+    """The client backends of the server at ``url``, but the one asking."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend'"
+            " AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+    return [r["pid"] for r in rows]
 
 
 async def reachable(url: str) -> bool:
