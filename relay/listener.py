@@ -46,12 +46,20 @@ POLL_ROWS = 1000
 QUERY_TIMEOUT = 10.0
 # How often the sleep handshake checks whether earlier writers have finished.
 HANDSHAKE_POLL_SECONDS = 0.02
+# Rows of listeners whose backend is gone (a relay killed rather than
+# stopped). A stale row flagged asleep would make every writer NOTIFY for
+# nobody, which serializes their commits (sql/relay.sql, "Wake-ups").
+FORGET_DEAD_SQL = "DELETE FROM relay.listeners WHERE pid NOT IN (SELECT pid FROM pg_stat_activity)"
+# How often a busy listener forgets them (asleep, it makes writers notify anyway).
+FORGET_DEAD_SECONDS = 30.0
 # Register this connection (and forget listeners whose backend is gone).
-REGISTER_SQL = """
-DELETE FROM relay.listeners WHERE pid NOT IN (SELECT pid FROM pg_stat_activity);
+REGISTER_SQL = f"""
+{FORGET_DEAD_SQL};
 INSERT INTO relay.listeners (pid, sleeping) VALUES (pg_backend_pid(), false)
 ON CONFLICT (pid) DO UPDATE SET sleeping = false, since = now();
 """
+UNREGISTER_SQL = "DELETE FROM relay.listeners WHERE pid = pg_backend_pid()"
+UNREGISTER_TIMEOUT = 1.0
 YIELD_EVERY = 100
 # How often the listener records its position in relay.listeners (for the pruner).
 PROGRESS_SECONDS = 1.0
@@ -108,6 +116,7 @@ class Listener:
         self._conn: asyncpg.Connection | None = None
         self._on_state = on_state
         self._progress_at = -PROGRESS_SECONDS
+        self._forgot_dead_at = 0.0
         # Metrics: told (events, seconds since they were committed at the latest)
         # after each poll that found events. A commit found by a poll happened
         # after the previous poll began, or before the NOTIFY that woke us.
@@ -157,6 +166,7 @@ class Listener:
                 else:
                     log.info("listener reconnected; catching up after tick %s", self.last_tick)
                 self._progress_at = -PROGRESS_SECONDS
+                self._forgot_dead_at = asyncio.get_running_loop().time()
                 self._since = asyncio.get_running_loop().time()
                 self.connected.set()
                 if self._on_state:
@@ -165,6 +175,7 @@ class Listener:
                 await self._follow(conn)
                 raise ConnectionError("listening connection closed")
             except asyncio.CancelledError:
+                await self._unregister()
                 raise
             except Exception as exc:
                 # Whatever broke (network, server, a protocol state asyncpg
@@ -300,6 +311,22 @@ class Listener:
             "UPDATE relay.listeners SET last_tick = $1 WHERE pid = pg_backend_pid()",
             self.last_tick,
         )
+        if now - self._forgot_dead_at >= FORGET_DEAD_SECONDS:
+            self._forgot_dead_at = now
+            await conn.execute(FORGET_DEAD_SQL)
+
+    async def _unregister(self) -> None:
+        """On stop, remove this listener's row: writers stop notifying for it at once.
+
+        Best effort: if the connection is gone or stuck, the next listener to
+        register, or a busy one within FORGET_DEAD_SECONDS, forgets the row."""
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            return
+        try:
+            await asyncio.wait_for(conn.execute(UNREGISTER_SQL), UNREGISTER_TIMEOUT)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+            log.info("listener row left for the next listener error=%s", type(err).__name__)
 
     async def _dispatch(self, row: Any, dispatched: int) -> int:
         event = event_from_record(row)

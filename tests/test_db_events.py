@@ -15,6 +15,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from relay import listener as listener_module
 from relay.server import DB_DELAYED
 from tests.conftest import RepoFactory, WsClient, _url_of
 from tests.helpers import collect, eventually, ids_of, insert, listener_sleeping
@@ -508,6 +509,58 @@ async def test_a_writer_that_saw_the_listener_awake_is_waited_for_before_it_slee
         assert ids_of([await c.expect("db_created", timeout=20)]) == [("db_created", late)]
     finally:
         await writer.close()
+
+
+async def notified_by_a_write(db, pg_url: str, name: str) -> bool:
+    """Whether a committed insert into ``name`` sends relay's wake-up NOTIFY."""
+    heard: list[str] = []
+    ear = await asyncpg.connect(pg_url)
+    try:
+        await ear.add_listener("relay_events", lambda *args: heard.append(args[2]))
+        await insert(db, name, "A", "1")
+        # A listening backend hands pending notifications over before it answers a
+        # command, so after this round trip every NOTIFY of that commit is here.
+        await ear.execute("SELECT 1")
+        return bool(heard)
+    finally:
+        await ear.close()
+
+
+async def test_a_stopped_relay_takes_its_listener_row_so_writers_stop_notifying(
+    relay, db, pg_url, repo
+):
+    """Writers NOTIFY while some listener sleeps; once the only relay has stopped,
+    nobody is left to wake, and a NOTIFY would only serialize their commits."""
+    r = await relay(poll_seconds=3600)
+    name = await repo("_744_")
+    pid = await listener_pid(db)
+    await listener_sleeping(db)
+    assert await notified_by_a_write(db, pg_url, name)
+    await r.stop()
+    assert await db.fetchval("SELECT count(*) FROM relay.listeners WHERE pid = $1", pid) == 0
+    assert not await notified_by_a_write(db, pg_url, name)
+
+
+async def test_a_busy_listener_forgets_the_row_of_a_killed_one(
+    relay, db, pg_url, repo, monkeypatch
+):
+    """A relay killed while asleep leaves its row flagged asleep, and writers would
+    NOTIFY for it forever; a running listener forgets it while it works."""
+    monkeypatch.setattr(listener_module, "FORGET_DEAD_SECONDS", 0.0)
+    await relay()
+    name = await repo("_744_")
+    await insert(db, name, "A", "1")
+    dead = await db.fetchval(
+        "INSERT INTO relay.listeners (pid, sleeping)"
+        " SELECT max(pid) + 100000, true FROM pg_stat_activity RETURNING pid"
+    )
+
+    async def forgotten() -> bool:
+        await insert(db, name, "A", "1")  # keeps the listener busy
+        rows = await db.fetchval("SELECT count(*) FROM relay.listeners WHERE pid = $1", dead)
+        return rows == 0
+
+    await eventually(forgotten, 15, what="the dead listener's row forgotten")
 
 
 async def test_a_listener_locked_out_says_so_then_delivers_and_counts_what_it_missed(
