@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -60,7 +61,11 @@ ON CONFLICT (pid) DO UPDATE SET sleeping = false, since = now();
 """
 UNREGISTER_SQL = "DELETE FROM relay.listeners WHERE pid = pg_backend_pid()"
 UNREGISTER_TIMEOUT = 1.0
-YIELD_EVERY = 100
+# A big tick is dispatched in slices of this much loop time; between slices
+# the socket writers flush. Each socket's frames of one slice leave in one
+# write, so the slices are long enough to gather several frames per socket
+# under load, and short enough not to stall other sockets' reads and pings.
+DISPATCH_SLICE_SECONDS = 0.02
 # How often the listener records its position in relay.listeners (for the pruner).
 PROGRESS_SECONDS = 1.0
 RUNNING_SQL = """
@@ -117,6 +122,7 @@ class Listener:
         self._on_state = on_state
         self._progress_at = -PROGRESS_SECONDS
         self._forgot_dead_at = 0.0
+        self._slice_started = 0.0
         # Metrics: told (events, seconds since they were committed at the latest)
         # after each poll that found events. A commit found by a poll happened
         # after the previous poll began, or before the NOTIFY that woke us.
@@ -285,14 +291,15 @@ class Listener:
             self._since = started
             return 0
         dispatched = 0
+        self._slice_started = time.monotonic()
         for row in rows:
             if row["tick"] is not None:
-                dispatched += await self._dispatch(row, dispatched)
+                dispatched += await self._dispatch(row)
         if len(rows) >= POLL_ROWS:
             async with conn.transaction(readonly=True):
                 cursor = conn.cursor(EVENTS_SQL, self.last_tick, newest, prefetch=POLL_ROWS)
                 async for row in cursor:
-                    dispatched += await self._dispatch(row, dispatched)
+                    dispatched += await self._dispatch(row)
         self.last_tick = newest
         self.position = Position(newest)
         self.caught_up = True
@@ -328,7 +335,7 @@ class Listener:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
             log.info("listener row left for the next listener error=%s", type(err).__name__)
 
-    async def _dispatch(self, row: Any, dispatched: int) -> int:
+    async def _dispatch(self, row: Any) -> int:
         event = event_from_record(row)
         if not self.position.before(event):
             return 0  # dispatched already, before the connection broke mid-tick
@@ -337,7 +344,7 @@ class Listener:
             self.dbhub.dispatch(event)
         except Exception:
             log.exception("dispatch failed repo=%s pos=%s", event.repo, event.pos)
-        if (dispatched + 1) % YIELD_EVERY == 0:
-            # Let socket writers drain between slices of a big transaction.
+        if time.monotonic() - self._slice_started >= DISPATCH_SLICE_SECONDS:
             await asyncio.sleep(0)
+            self._slice_started = time.monotonic()
         return 1
