@@ -409,6 +409,14 @@ async def run(args: argparse.Namespace, pg: Postgres) -> list[dict[str, Any]]:
     if "unwatched" not in configs:
         configs.insert(0, "unwatched")  # the baseline is always measured
     notes = await setup_tables(pg.url, configs)
+    conn = await asyncpg.connect(pg.url)
+    try:
+        # Writers to a watched table NOTIFY only while some relay listener sleeps.
+        asleep = await conn.fetchval("SELECT count(*) FROM relay.listeners WHERE sleeping")
+    finally:
+        await conn.close()
+    if asleep:
+        notes.append(f"{asleep} relay listener(s) asleep: writers to watched tables NOTIFY")
     print(machine_header("relay write cost", await pg_version(pg.url)))
     print(
         f"settings: writers={args.writers} seconds={args.seconds} warmup={args.warmup}"
