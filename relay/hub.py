@@ -190,9 +190,16 @@ class Socket:
         else:
             self._queue = [item]
         self._queued_bytes += size
-        self._budget.holders.add(self)
+        budget = self._budget
+        budget.holders.add(self)
         if not self._marked and self._writer is None and self._started:
             self._mark()
+        if (
+            len(self._queue) > self._queue_limit >> 1
+            or (self._queue_bytes is not None and self._queued_bytes > self._queue_bytes >> 1)
+            or (budget.limit is not None and budget.total > budget.limit >> 1)
+        ):
+            budget.flusher.pressed = True
 
     def _mark(self) -> None:
         self._marked = True

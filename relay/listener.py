@@ -34,6 +34,7 @@ from typing import Any
 import asyncpg
 
 from relay.dbhub import LOST, PRUNED, DbHub, Event, Position
+from relay.outbox import Flusher
 
 log = logging.getLogger("relay.listener")
 
@@ -65,6 +66,8 @@ UNREGISTER_TIMEOUT = 1.0
 # the socket writers flush. Each socket's frames of one slice leave in one
 # write, so the slices are long enough to gather several frames per socket
 # under load, and short enough not to stall other sockets' reads and pings.
+# A slice ends sooner when some send queue is half full (Flusher.pressed),
+# so a reader with a small queue is written before it would overflow.
 DISPATCH_SLICE_SECONDS = 0.02
 # How often the listener records its position in relay.listeners (for the pruner).
 PROGRESS_SECONDS = 1.0
@@ -103,9 +106,13 @@ class Listener:
         idle_after_seconds: float = 0.2,
         on_state: Callable[[bool], None] | None = None,
         on_events: Callable[[int, float], None] | None = None,
+        flusher: Flusher | None = None,
     ) -> None:
+        """``flusher``: the sockets' (relay.outbox); a dispatch slice ends early
+        when it says some send queue is half full, so that one is written now."""
         self.url = url
         self.dbhub = dbhub
+        self._flusher = flusher or Flusher()
         self.poll_seconds = poll_seconds
         self.busy_poll_seconds = busy_poll_seconds
         # relay.poll_wait()'s check interval, in its unit.
@@ -344,7 +351,10 @@ class Listener:
             self.dbhub.dispatch(event)
         except Exception:
             log.exception("dispatch failed repo=%s pos=%s", event.repo, event.pos)
-        if time.monotonic() - self._slice_started >= DISPATCH_SLICE_SECONDS:
+        if (
+            self._flusher.pressed
+            or time.monotonic() - self._slice_started >= DISPATCH_SLICE_SECONDS
+        ):
             await asyncio.sleep(0)
             self._slice_started = time.monotonic()
         return 1

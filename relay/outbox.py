@@ -102,6 +102,9 @@ class Flusher:
     def __init__(self) -> None:
         self._pending: list[Socket] = []
         self._scheduled = False
+        # Set when some queue got past half its cap (or the budget past half
+        # its limit) in this turn: a long dispatch should let the flush run now.
+        self.pressed = False
 
     def add(self, socket: Socket) -> None:
         self._pending.append(socket)
@@ -111,6 +114,7 @@ class Flusher:
 
     def _flush(self) -> None:
         self._scheduled = False
+        self.pressed = False
         pending, self._pending = self._pending, []
         for socket in pending:
             socket.flush()

@@ -178,6 +178,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         busy_poll_seconds=state.settings.busy_poll_seconds,
         on_state=state.db_state_changed,
         on_events=state.counts.ingested,
+        flusher=state.hub.budget.flusher,
     )
     await state.listener.start()
     chores = [

@@ -655,6 +655,28 @@ async def test_one_statement_of_2500_rows_arrives_whole_and_in_order(relay, clie
     await c.silent()
 
 
+async def test_a_big_tick_reaches_a_reader_whose_send_queue_holds_50_frames(
+    relay, client, db, repo
+):
+    """The listener dispatches a big tick in slices and the sockets are written between
+    slices; a slice ends as soon as some queue is half full. So a client that reads,
+    with a queue of 50 frames, gets all 2,000 rows of one statement, in order, and is
+    not cut off as a slow consumer."""
+    r = await relay(send_queue_frames=50)
+    name = await repo("_744_")
+    c = await client(r)
+    await c.auth(r.token("A", "1"))
+    await c.join(f"db-{name}")
+    await db.execute(
+        f"INSERT INTO {name} (owner_id, account_id, data)"
+        " SELECT 'A', '1', jsonb_build_object('n', g) FROM generate_series(1, 2000) g"
+        " ORDER BY g"
+    )
+    got = [json.loads(f["data"])["data"]["n"] for f in await collect(c, 2000, timeout=20)]
+    assert got == list(range(1, 2001))
+    await c.silent()
+
+
 async def test_same_table_name_in_two_schemas_is_refused(db):
     from relay.repos import RepoError, watch
 
