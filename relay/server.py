@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncpg
 from aiohttp import WSMsgType, web
 
-from relay import admin, heartbeat, logs, protocol, sessions
+from relay import admin, gcpolicy, heartbeat, logs, protocol, sessions
 from relay.admission import Admission
 from relay.auth import TokenRejected, TokenVerifier, load_public_key, new_socket_token, same_token
 from relay.broker import Broker, BrokerError, create_broker
@@ -189,7 +189,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         sockets = state.hub.sockets.values()
         chores.append(asyncio.create_task(beat.run(sockets), name="relay-heartbeat"))
     log.info("relay ready")
-    yield
+    with gcpolicy.serving():
+        yield
     for chore in chores:
         chore.cancel()
         with contextlib.suppress(asyncio.CancelledError):
