@@ -12,6 +12,10 @@ app. ``exp`` is required and must be a number. A token that names an
 audience (``aud``) must name this app; one that names none is accepted only
 by an app whose key no other app shares.
 
+A verifier remembers the tokens it has accepted (:class:`VerifiedTokens`), so
+a client that presents the same token again (a reconnect, another tab) costs
+no second decode; expiry and the other time checks are still made at each use.
+
 A socket token is what ``auth`` hands back: a random value bound to the one
 socket it was issued on, so a token copied to another socket is worthless.
 """
@@ -34,6 +38,10 @@ JWKS_TIMEOUT = 5.0
 JWKS_CACHE_SECONDS = 300
 _JWKS_CLIENTS: dict[str, jwt.PyJWKClient] = {}
 _MAX_JWKS_CLIENTS = 1000
+# Tokens a verifier remembers as accepted, and the longest one it will remember
+# (characters; a longer token is decoded every time): at most ~2.5 MB per verifier.
+VERIFIED_ENTRIES = 1024
+VERIFIED_MAX_TOKEN = 2048
 
 
 class TokenRejected(Exception):
@@ -46,6 +54,81 @@ class Identity:
     account_id: str | None  # None when the token has no account claim
     is_root: bool = False
     expires_at: float | None = None  # unix seconds, from ``exp``
+
+
+@dataclass(frozen=True, slots=True)
+class _Accepted:
+    identity: Identity
+    # The time claims as PyJWT compares them (int() of the claim), None when absent.
+    exp: int
+    nbf: int | None
+    iat: int | None
+
+
+class VerifiedTokens:
+    """The session tokens one verifier has accepted, each with what it decoded to.
+
+    Exactly as strict as a decode, because:
+
+    - an entry is made only after a full decode accepted the token, and keyed
+      by the whole token text, so a hit is the same bytes, already checked;
+    - what a decode checks is the token against the verifier's key and settings
+      (signature, algorithm, header, issuer, audience, claim types), all fixed
+      for the verifier's life (an app's new keys or settings make a new
+      verifier, with no entries: ``plans.AppDirectory``), except the checks
+      that depend on the time; those (``exp``, ``nbf``, ``iat``, the longest
+      lifetime allowed) are made again at every use, the way PyJWT makes them,
+      and a token failing one is forgotten and decoded again, to be refused
+      with the reason a decode gives;
+    - keys from a JWKS URL are never remembered against (a key removed from
+      the set must stop working at once): only a verifier's own key is;
+    - refusals are not remembered: a bad token costs a decode every time.
+
+    Bounded: at most :data:`VERIFIED_ENTRIES` tokens of at most
+    :data:`VERIFIED_MAX_TOKEN` characters; the oldest entry makes room.
+    """
+
+    __slots__ = ("_entries", "_max_ttl")
+
+    def __init__(self, max_ttl_seconds: int | None) -> None:
+        self._entries: dict[str, _Accepted] = {}
+        self._max_ttl = max_ttl_seconds
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def recall(self, token: str) -> Identity | None:
+        """The identity of an accepted token that is still valid now, else None."""
+        entry = self._entries.get(token)
+        if entry is None:
+            return None
+        now = time.time()
+        ident = entry.identity
+        assert ident.expires_at is not None
+        if (
+            entry.exp <= now
+            or (entry.nbf is not None and entry.nbf > now)
+            or (entry.iat is not None and entry.iat > now)
+            or (self._max_ttl is not None and ident.expires_at - now > self._max_ttl)
+        ):
+            del self._entries[token]
+            return None
+        # A fresh object per auth, as a decode gives (sessions tells renewals apart by identity).
+        return Identity(ident.user_id, ident.account_id, ident.is_root, ident.expires_at)
+
+    def remember(self, token: str, claims: dict[str, Any], identity: Identity) -> None:
+        if len(token) > VERIFIED_MAX_TOKEN:
+            return
+        entries = self._entries
+        if token not in entries and len(entries) >= VERIFIED_ENTRIES:
+            del entries[next(iter(entries))]
+        nbf, iat = claims.get("nbf"), claims.get("iat")
+        entries[token] = _Accepted(
+            identity,
+            exp=int(claims["exp"]),
+            nbf=None if nbf is None else int(nbf),
+            iat=None if iat is None else int(iat),
+        )
 
 
 def jwks_client(url: str) -> jwt.PyJWKClient:
@@ -99,6 +182,7 @@ class TokenVerifier:
         self.issuer = issuer
         self.audience_required = audience_required
         self.max_ttl_seconds = max_ttl_seconds
+        self.accepted = VerifiedTokens(max_ttl_seconds)
 
     def verify(self, token: str) -> Identity | None:
         """The identity in a valid token, or None for any invalid one."""
@@ -123,7 +207,12 @@ class TokenVerifier:
 
     def check(self, token: str, key: Any = None) -> Identity:
         """The identity in a valid token; raises :class:`TokenRejected` saying why."""
-        key = key if key is not None else self._key
+        own_key = key is None
+        if own_key:
+            known = self.accepted.recall(token)
+            if known is not None:
+                return known
+            key = self._key
         if key is None:
             raise TokenRejected("this app's keys come from a JWKS URL")
         # One decode: the audience is checked here, below, so that a token without
@@ -142,7 +231,10 @@ class TokenVerifier:
         except (jwt.PyJWTError, ValueError, TypeError, OverflowError) as err:
             raise TokenRejected(f"malformed ({type(err).__name__})") from None
         self._check_audience(claims.get("aud"))
-        return self._identity(claims)
+        identity = self._identity(claims)
+        if own_key:
+            self.accepted.remember(token, claims, identity)
+        return identity
 
     def _check_audience(self, aud: Any) -> None:
         """PyJWT's audience rule, but a token naming no audience is let through
