@@ -148,7 +148,14 @@ def create_app(settings: Settings, database_url: str, jwt_secret: str | None) ->
     # The HTTP server's own timeout from accepting a connection to a complete
     # request head (aiohttp's keep-alive timer, which also starts on connect);
     # handler_args apply to every runner of this app (``relay serve``, tests, benches).
-    app = web.Application(handler_args={"keepalive_timeout": settings.request_head_timeout_seconds})
+    # No aiohttp access log (as ``relay serve`` always had): relay logs each
+    # connection itself, and an access logger per connection is work in a storm.
+    app = web.Application(
+        handler_args={
+            "keepalive_timeout": settings.request_head_timeout_seconds,
+            "access_log": None,
+        }
+    )
     app[STATE] = state
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
