@@ -487,3 +487,33 @@ def test_what_is_remembered_is_bounded(verifier):
     fresh = TokenVerifier(secret=SECRET)
     assert fresh.check(long_token).user_id == "alice"
     assert len(fresh.accepted) == 0
+
+
+# --- the HS256 secret, checked once per verifier ---------------------------------------
+
+
+def test_a_public_key_text_as_secret_is_refused_at_every_decode(rsa_keys):
+    """PyJWT refuses a PEM key as an HMAC secret; checking the secret once must not
+    turn that refusal into an acceptance, at the first decode or any later one."""
+    public = rsa_keys[1]
+    verifier = TokenVerifier(secret=public)
+    forged = hs256_by_hand({"alg": "HS256", "typ": "JWT"}, claims(), public.encode())
+    for _ in range(2):
+        with pytest.raises(TokenRejected, match="InvalidKeyError"):
+            verifier.check(forged)
+
+
+def test_checking_a_secret_once_leaves_other_keys_and_pyjwt_alone(rsa_keys):
+    from jwt.exceptions import InvalidKeyError
+
+    from relay.auth import _SecretHS256
+
+    public = rsa_keys[1]
+    once = _SecretHS256(SECRET)
+    assert once.prepare_key(SECRET) == SECRET.encode()
+    with pytest.raises(InvalidKeyError):
+        once.prepare_key(public)  # any other key: PyJWT's check
+    TokenVerifier(secret=SECRET)
+    forged = hs256_by_hand({"alg": "HS256", "typ": "JWT"}, claims(), public.encode())
+    with pytest.raises(jwt.InvalidKeyError):  # the module's own decoder is unchanged
+        jwt.decode(forged, public, algorithms=["HS256"])
