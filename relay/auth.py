@@ -12,6 +12,10 @@ app. ``exp`` is required and must be a number. A token that names an
 audience (``aud``) must name this app; one that names none is accepted only
 by an app whose key no other app shares.
 
+A verifier remembers the tokens it has accepted (:class:`VerifiedTokens`), so
+a client that presents the same token again (a reconnect, another tab) costs
+no second decode; expiry and the other time checks are still made at each use.
+
 A socket token is what ``auth`` hands back: a random value bound to the one
 socket it was issued on, so a token copied to another socket is worthless.
 """
@@ -27,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from jwt.algorithms import HMACAlgorithm
+from jwt.exceptions import InvalidKeyError
 
 ROOT_ROLE = "root"
 # Fetching a JWKS is a blocking HTTP request, done in a thread, at most this long.
@@ -34,6 +40,10 @@ JWKS_TIMEOUT = 5.0
 JWKS_CACHE_SECONDS = 300
 _JWKS_CLIENTS: dict[str, jwt.PyJWKClient] = {}
 _MAX_JWKS_CLIENTS = 1000
+# Tokens a verifier remembers as accepted, and the longest one it will remember
+# (characters; a longer token is decoded every time): at most ~2.5 MB per verifier.
+VERIFIED_ENTRIES = 1024
+VERIFIED_MAX_TOKEN = 2048
 
 
 class TokenRejected(Exception):
@@ -46,6 +56,114 @@ class Identity:
     account_id: str | None  # None when the token has no account claim
     is_root: bool = False
     expires_at: float | None = None  # unix seconds, from ``exp``
+
+
+@dataclass(frozen=True, slots=True)
+class _Accepted:
+    identity: Identity
+    # The time claims as PyJWT compares them (int() of the claim), None when absent.
+    exp: int
+    nbf: int | None
+    iat: int | None
+
+
+class VerifiedTokens:
+    """The session tokens one verifier has accepted, each with what it decoded to.
+
+    Exactly as strict as a decode, because:
+
+    - an entry is made only after a full decode accepted the token, and keyed
+      by the whole token text, so a hit is the same bytes, already checked;
+    - what a decode checks is the token against the verifier's key and settings
+      (signature, algorithm, header, issuer, audience, claim types), all fixed
+      for the verifier's life (an app's new keys or settings make a new
+      verifier, with no entries: ``plans.AppDirectory``), except the checks
+      that depend on the time; those (``exp``, ``nbf``, ``iat``, the longest
+      lifetime allowed) are made again at every use, the way PyJWT makes them,
+      and a token failing one is forgotten and decoded again, to be refused
+      with the reason a decode gives;
+    - keys from a JWKS URL are never remembered against (a key removed from
+      the set must stop working at once): only a verifier's own key is;
+    - refusals are not remembered: a bad token costs a decode every time.
+
+    Bounded: at most :data:`VERIFIED_ENTRIES` tokens of at most
+    :data:`VERIFIED_MAX_TOKEN` characters; the oldest entry makes room.
+    """
+
+    __slots__ = ("_entries", "_max_ttl")
+
+    def __init__(self, max_ttl_seconds: int | None) -> None:
+        self._entries: dict[str, _Accepted] = {}
+        self._max_ttl = max_ttl_seconds
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def recall(self, token: str) -> Identity | None:
+        """The identity of an accepted token that is still valid now, else None."""
+        entry = self._entries.get(token)
+        if entry is None:
+            return None
+        now = time.time()
+        ident = entry.identity
+        assert ident.expires_at is not None
+        if (
+            entry.exp <= now
+            or (entry.nbf is not None and entry.nbf > now)
+            or (entry.iat is not None and entry.iat > now)
+            or (self._max_ttl is not None and ident.expires_at - now > self._max_ttl)
+        ):
+            del self._entries[token]
+            return None
+        # A fresh object per auth, as a decode gives (sessions tells renewals apart by identity).
+        return Identity(ident.user_id, ident.account_id, ident.is_root, ident.expires_at)
+
+    def remember(self, token: str, claims: dict[str, Any], identity: Identity) -> None:
+        if len(token) > VERIFIED_MAX_TOKEN:
+            return
+        entries = self._entries
+        if token not in entries and len(entries) >= VERIFIED_ENTRIES:
+            del entries[next(iter(entries))]
+        nbf, iat = claims.get("nbf"), claims.get("iat")
+        entries[token] = _Accepted(
+            identity,
+            exp=int(claims["exp"]),
+            nbf=None if nbf is None else int(nbf),
+            iat=None if iat is None else int(iat),
+        )
+
+
+class _SecretHS256(HMACAlgorithm):
+    """HS256 whose one secret is checked once, when its verifier is made.
+
+    PyJWT checks an HMAC key at every decode (not empty, not a PEM, SSH or DER
+    key, not JWK text), about a quarter of the time a decode takes; the check
+    depends on the key alone. Any other key is checked as PyJWT checks it, and
+    a secret that fails the check fails it at every decode, as before.
+    """
+
+    def __init__(self, secret: str) -> None:
+        super().__init__(HMACAlgorithm.SHA256)
+        self._secret = secret
+        self._prepared: bytes | None
+        try:
+            self._prepared = super().prepare_key(secret)
+        except InvalidKeyError:
+            self._prepared = None
+
+    def prepare_key(self, key: str | bytes) -> bytes:
+        if key is self._secret and self._prepared is not None:
+            return self._prepared
+        return super().prepare_key(key)
+
+
+def _hs256_decoder(secret: str) -> jwt.PyJWT:
+    """A PyJWT of its own for one secret (the module's shared one is left as it is)."""
+    decoder = jwt.PyJWT()
+    signatures = decoder._jws  # PyJWT's own JWS: PyJWT has no public accessor
+    signatures.unregister_algorithm("HS256")
+    signatures.register_algorithm("HS256", _SecretHS256(secret))
+    return decoder
 
 
 def jwks_client(url: str) -> jwt.PyJWKClient:
@@ -82,6 +200,7 @@ class TokenVerifier:
         max_ttl_seconds: int | None = None,
     ) -> None:
         self._jwks: jwt.PyJWKClient | None = None
+        self._decoder: jwt.PyJWT | None = None  # None: PyJWT's module-level decode
         if jwks_url:
             self._jwks = jwks_client(jwks_url)
             self._key: Any = None
@@ -92,6 +211,7 @@ class TokenVerifier:
         elif secret:
             self._key = secret
             self._algorithms = ["HS256"]
+            self._decoder = _hs256_decoder(secret)
         else:
             raise ValueError("a JWT secret, public key or JWKS URL is required")
         self.account_claim = account_claim
@@ -99,6 +219,7 @@ class TokenVerifier:
         self.issuer = issuer
         self.audience_required = audience_required
         self.max_ttl_seconds = max_ttl_seconds
+        self.accepted = VerifiedTokens(max_ttl_seconds)
 
     def verify(self, token: str) -> Identity | None:
         """The identity in a valid token, or None for any invalid one."""
@@ -123,14 +244,20 @@ class TokenVerifier:
 
     def check(self, token: str, key: Any = None) -> Identity:
         """The identity in a valid token; raises :class:`TokenRejected` saying why."""
-        key = key if key is not None else self._key
+        own_key = key is None
+        if own_key:
+            known = self.accepted.recall(token)
+            if known is not None:
+                return known
+            key = self._key
         if key is None:
             raise TokenRejected("this app's keys come from a JWKS URL")
         # One decode: the audience is checked here, below, so that a token without
         # 'aud' is not decoded (and its signature checked) a second time.
         options: Any = {"require": ["sub", "exp"], "verify_aud": False}
         try:
-            claims = jwt.decode(
+            decode = self._decoder.decode if self._decoder is not None else jwt.decode
+            claims = decode(
                 token, key, algorithms=self._algorithms, issuer=self.issuer, options=options
             )
         except jwt.MissingRequiredClaimError as err:
@@ -142,7 +269,10 @@ class TokenVerifier:
         except (jwt.PyJWTError, ValueError, TypeError, OverflowError) as err:
             raise TokenRejected(f"malformed ({type(err).__name__})") from None
         self._check_audience(claims.get("aud"))
-        return self._identity(claims)
+        identity = self._identity(claims)
+        if own_key:
+            self.accepted.remember(token, claims, identity)
+        return identity
 
     def _check_audience(self, aud: Any) -> None:
         """PyJWT's audience rule, but a token naming no audience is let through

@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncpg
 from aiohttp import WSMsgType, web
 
-from relay import admin, heartbeat, logs, protocol, sessions
+from relay import admin, gcpolicy, heartbeat, logs, protocol, sessions
 from relay.admission import Admission
 from relay.auth import TokenRejected, TokenVerifier, load_public_key, new_socket_token, same_token
 from relay.broker import Broker, BrokerError, create_broker
@@ -148,7 +148,14 @@ def create_app(settings: Settings, database_url: str, jwt_secret: str | None) ->
     # The HTTP server's own timeout from accepting a connection to a complete
     # request head (aiohttp's keep-alive timer, which also starts on connect);
     # handler_args apply to every runner of this app (``relay serve``, tests, benches).
-    app = web.Application(handler_args={"keepalive_timeout": settings.request_head_timeout_seconds})
+    # No aiohttp access log (as ``relay serve`` always had): relay logs each
+    # connection itself, and an access logger per connection is work in a storm.
+    app = web.Application(
+        handler_args={
+            "keepalive_timeout": settings.request_head_timeout_seconds,
+            "access_log": None,
+        }
+    )
     app[STATE] = state
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
@@ -190,7 +197,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         sockets = state.hub.sockets.values()
         chores.append(asyncio.create_task(beat.run(sockets), name="relay-heartbeat"))
     log.info("relay ready")
-    yield
+    with gcpolicy.serving():
+        yield
     for chore in chores:
         chore.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -409,3 +409,111 @@ async def test_default_app_checks_configured_issuer_and_audience(relay, client):
         claims_ = {k: v for k, v in {**good, **wrong}.items() if v is not None}
         await c.send(type="auth", data=jwt.encode(claims_, r.secret, algorithm="HS256"))
         assert (await c.expect("error"))["data"] == "invalid token"
+
+
+# --- tokens a verifier remembers as accepted (VerifiedTokens) --------------------------
+
+
+def test_a_remembered_token_gives_an_equal_fresh_identity(verifier):
+    token = mint_token(SECRET, "alice", "acme")
+    first = verifier.check(token)
+    assert len(verifier.accepted) == 1
+    again = verifier.check(token)
+    assert again == first and again is not first
+
+
+def test_a_remembered_token_is_refused_once_it_expires(verifier):
+    exp = int(time.time()) + 1
+    token = jwt.encode(claims(exp=exp), SECRET, algorithm="HS256")
+    assert verifier.check(token).expires_at == exp
+    while time.time() < exp:  # PyJWT: expired once exp <= now
+        time.sleep(0.05)
+    with pytest.raises(TokenRejected, match="expired"):
+        verifier.check(token)
+    assert len(verifier.accepted) == 0
+
+
+def test_a_token_differing_only_in_unused_signature_bits_is_still_refused(verifier):
+    """Keyed by the whole token text: a non-canonical spelling of an accepted
+    token's signature (the same bytes once decoded) gets a decode of its own."""
+    token = mint_token(SECRET, "alice", "acme")
+    verifier.check(token)
+    head, _, sig = token.rpartition(".")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(sig[-1])
+    variant = f"{head}.{sig[:-1]}{alphabet[last ^ 1]}"  # 32 bytes: the last 2 bits are unused
+    assert b64url_decode(variant.rpartition(".")[2]) == b64url_decode(sig)
+    with pytest.raises(TokenRejected):
+        verifier.check(variant)
+
+
+def test_refusals_are_not_remembered(verifier):
+    with pytest.raises(TokenRejected):
+        verifier.check(mint_token("another-secret-" + "y" * 32, "alice", "acme"))
+    assert len(verifier.accepted) == 0
+
+
+def test_a_verifier_with_another_secret_does_not_share_what_was_accepted(verifier):
+    """An app's new secret makes a new verifier (plans.AppDirectory): old tokens fail there."""
+    token = mint_token(SECRET, "alice", "acme")
+    verifier.check(token)
+    rotated = TokenVerifier(secret="rotated-secret-" + "z" * 32)
+    with pytest.raises(TokenRejected, match="signature"):
+        rotated.check(token)
+
+
+def test_tokens_checked_with_a_given_key_are_not_remembered(rsa_keys):
+    """The JWKS path passes the key it found for the token: a key removed from the
+    set must stop working, so nothing checked that way is remembered."""
+    private, public = rsa_keys
+    verifier = TokenVerifier(public_key=public)
+    token = jwt.encode(claims(), private, algorithm="RS256")
+    verifier.check(token, public)
+    assert len(verifier.accepted) == 0
+    verifier.check(token)  # the verifier's own key
+    assert len(verifier.accepted) == 1
+
+
+def test_what_is_remembered_is_bounded(verifier):
+    from relay.auth import VERIFIED_ENTRIES, VERIFIED_MAX_TOKEN
+
+    first = mint_token(SECRET, "user-0", "acme")
+    verifier.check(first)
+    for n in range(1, VERIFIED_ENTRIES + 10):
+        verifier.check(mint_token(SECRET, f"user-{n}", "acme"))
+    assert len(verifier.accepted) == VERIFIED_ENTRIES
+    assert verifier.accepted.recall(first) is None  # the oldest made room
+    long_token = jwt.encode(claims(pad="x" * VERIFIED_MAX_TOKEN), SECRET, algorithm="HS256")
+    fresh = TokenVerifier(secret=SECRET)
+    assert fresh.check(long_token).user_id == "alice"
+    assert len(fresh.accepted) == 0
+
+
+# --- the HS256 secret, checked once per verifier ---------------------------------------
+
+
+def test_a_public_key_text_as_secret_is_refused_at_every_decode(rsa_keys):
+    """PyJWT refuses a PEM key as an HMAC secret; checking the secret once must not
+    turn that refusal into an acceptance, at the first decode or any later one."""
+    public = rsa_keys[1]
+    verifier = TokenVerifier(secret=public)
+    forged = hs256_by_hand({"alg": "HS256", "typ": "JWT"}, claims(), public.encode())
+    for _ in range(2):
+        with pytest.raises(TokenRejected, match="InvalidKeyError"):
+            verifier.check(forged)
+
+
+def test_checking_a_secret_once_leaves_other_keys_and_pyjwt_alone(rsa_keys):
+    from jwt.exceptions import InvalidKeyError
+
+    from relay.auth import _SecretHS256
+
+    public = rsa_keys[1]
+    once = _SecretHS256(SECRET)
+    assert once.prepare_key(SECRET) == SECRET.encode()
+    with pytest.raises(InvalidKeyError):
+        once.prepare_key(public)  # any other key: PyJWT's check
+    TokenVerifier(secret=SECRET)
+    forged = hs256_by_hand({"alg": "HS256", "typ": "JWT"}, claims(), public.encode())
+    with pytest.raises(jwt.InvalidKeyError):  # the module's own decoder is unchanged
+        jwt.decode(forged, public, algorithms=["HS256"])

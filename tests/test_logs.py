@@ -143,3 +143,17 @@ def test_the_scrubber_and_a_malformed_record():
     assert jwt_text not in text and "<jwt>" in text
     assert token not in text and "<token>" in text
     assert "pw123" not in text and "relay:***@db" in text
+
+
+async def test_no_aiohttp_access_log_whatever_runs_the_app(relay, caplog):
+    """``relay serve`` never had aiohttp's access log; a runner with aiohttp's
+    defaults (tests, benches) gets none either: relay logs each connection itself."""
+    handle = await relay()
+    caplog.set_level("DEBUG", logger="aiohttp.access")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(handle.http_url + "/healthz") as resp:
+            assert resp.status == 200
+        async with http.ws_connect(handle.ws_url) as ws:
+            assert (await ws.receive_json())["type"] == "init"
+    await handle.stop()
+    assert not [r for r in caplog.records if r.name == "aiohttp.access"]
