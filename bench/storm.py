@@ -6,7 +6,8 @@ times connect -> ``init``, then ``auth`` -> ``token`` and ``join`` -> ``joined``
 Three phases in the same run, each with N fresh clients:
 
   connect   connect and wait for ``init`` only (the baseline: HTTP upgrade + socket setup)
-  session   connect, ``auth`` with a session JWT (HS256), ``join`` a chat channel
+  session   connect, ``auth`` with a session JWT (HS256; each client its own), ``join``
+            a chat channel
   app key   the same with ``?pk=<an app's public key>`` (the app lookup path, cached)
 
 Reported per phase: how long the storm took to clear, clients/s, the
@@ -80,15 +81,14 @@ async def one_client(
         return None
 
 
-async def storm(
-    relay: RelayProcess, url: str, clients: int, session_token: str | None, phase: Phase
-) -> None:
+async def storm(relay: RelayProcess, url: str, tokens: list[str | None], phase: Phase) -> None:
+    """One client per entry of ``tokens``, all at once; None: connect only."""
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
         cpu0 = relay.cpu()
         start = time.monotonic()
         sockets = await asyncio.gather(
-            *(one_client(http, url, session_token, start, phase) for _ in range(clients))
+            *(one_client(http, url, tok, start, phase) for tok in tokens)
         )
         phase.seconds = time.monotonic() - start
         phase.cpu = relay.cpu() - cpu0
@@ -96,11 +96,10 @@ async def storm(
 
 
 async def create_app_key(pg_url: str) -> tuple[str, str]:
-    """A second app: its public key, and a session token signed with its own secret."""
+    """A second app: its public key, and the secret that signs its session tokens."""
     import asyncpg
 
     from relay import plans
-    from relay.auth import mint_token
 
     conn = await asyncpg.connect(pg_url)
     try:
@@ -108,29 +107,37 @@ async def create_app_key(pg_url: str) -> tuple[str, str]:
     finally:
         await conn.close()
     assert app.public_key is not None and app.jwt_secret is not None
-    return app.public_key, mint_token(app.jwt_secret, "storm", "1", ttl_seconds=3600)
+    return app.public_key, app.jwt_secret
 
 
 def measure(pg: Postgres, clients: int) -> list[Phase]:
     """The three storms against one relay process (this process is the client side)."""
+    from relay.auth import mint_token
+
     raise_fd_limit(2 * clients + 256)  # inherited by the relay process
     # Every client here is one app's, from one address, unauthenticated at first:
     # the caps on unauthenticated sockets would refuse most of a storm this big.
     for name in ("", "_PER_APP", "_PER_ADDRESS"):
         os.environ.setdefault(f"RELAY_MAX_UNAUTHENTICATED{name}", "0")
-    key, app_token = asyncio.run(create_app_key(pg.url))
+    key, app_secret = asyncio.run(create_app_key(pg.url))
     relay = RelayProcess(pg.url)
     relay.start()
     phases = [Phase("connect"), Phase("session"), Phase("app key")]
     try:
-        session_token = token("storm", "1", ttl_seconds=3600)
-        for phase, url, tok in zip(
+        # Every client its own token, as after a deploy: nobody's token has been
+        # seen by this process before (a verifier remembers the tokens it accepted).
+        users = [f"storm{i}" for i in range(clients)]
+        session_tokens: list[str | None] = [token(u, "1", ttl_seconds=3600) for u in users]
+        app_tokens: list[str | None] = [
+            mint_token(app_secret, u, "1", ttl_seconds=3600) for u in users
+        ]
+        for phase, url, tokens in zip(
             phases,
             [relay.ws_url, relay.ws_url, relay.ws_url + "?pk=" + key],
-            [None, session_token, app_token],
+            [[None] * clients, session_tokens, app_tokens],
             strict=True,
         ):
-            asyncio.run(storm(relay, url, clients, tok, phase))
+            asyncio.run(storm(relay, url, tokens, phase))
             time.sleep(1.0)  # let the relay settle the closes before the next storm
     finally:
         relay.stop()
