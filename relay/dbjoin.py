@@ -23,13 +23,14 @@ from dataclasses import dataclass, replace
 import asyncpg
 
 from relay import protocol
-from relay.dbhub import DbHub, Position, Snapshot
+from relay.dbhub import DbHub, Event, Position, Snapshot
 from relay.filters import Filter, FilterError
 from relay.hub import Socket
-from relay.listener import Listener, event_from_record
+from relay.listener import Listener
 from relay.permissions import mode_of, sql_condition
 from relay.pool import Database
 from relay.protocol import RelayError
+from relay.replay import COLUMNS
 from relay.views import View
 
 log = logging.getLogger("relay.ws")
@@ -37,7 +38,7 @@ log = logging.getLogger("relay.ws")
 # Events read from the log per page (one short query, its connection given
 # back before the events are queued for the client).
 REPLAY_PAGE = 500
-PAGE_SQL = "SELECT * FROM relay.events_page($1, $2, $3, $4, $5, $6)"
+PAGE_SQL = f"SELECT {', '.join(COLUMNS)} FROM relay.events_page($1, $2, $3, $4, $5, $6)"
 POSITION_SQL = (
     "SELECT (SELECT min(id) FROM relay.ticks) AS oldest,"
     " EXISTS (SELECT 1 FROM relay.ticks WHERE id = $1) AS known"
@@ -260,25 +261,52 @@ async def _replay(
         while next_page is not None:
             rows = await next_page
             next_page = None
-            if len(rows) == REPLAY_PAGE:
+            # Rows dispatched live after we subscribed (in upto's tick, after its
+            # seq) are held back for us: the replay ends before them.
+            stop = len(rows)
+            while stop and upto.before_row(rows[stop - 1]["tick"], rows[stop - 1]["seq"]):
+                stop -= 1
+            if stop == REPLAY_PAGE:
                 last = rows[-1]
-                if last["tick"] <= upto.tick:
-                    next_page = page(Position(last["tick"], last["seq"]))
-            for row in rows:
-                event = event_from_record(row)
-                if upto.before(event):
-                    return sent  # dispatched live after we subscribed: held back for us
-                # Room is checked per event, so a page of large rows never
-                # overfills the send queue's byte cap.
+                next_page = page(Position(last["tick"], last["seq"]))
+            i = 0
+            while i < stop:
+                # Room is checked per event (within replay_rows), so a page of
+                # large rows never overfills the send queue's byte cap.
                 if not socket.has_room and not await socket.wait_writable(stall_seconds):
                     return None
-                count = dbhub.replay_event(socket, repo, event)
-                if count is None:
+                got = dbhub.replay_rows(socket, repo, rows, i, stop)
+                if got is None:
                     return None
+                end, count = got
+                if end == i:  # a notice, or a filtered subscription: one event the long way
+                    one = dbhub.replay_event(socket, repo, _event(rows[i], socket.app_id, repo))
+                    if one is None:
+                        return None
+                    end, count = i + 1, one
                 sent += count
+                i = end
         return sent
     finally:
         if next_page is not None:
             next_page.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await next_page
+
+
+def _event(row: asyncpg.Record, app: str, repo: str) -> Event:
+    """A page's row (of :data:`relay.replay.COLUMNS`) as an :class:`Event`."""
+    tick, seq, op, row_id, owner, account, old_owner, old_account, data = row
+    return Event(
+        tick=tick,
+        seq=seq,
+        repo=repo,
+        op=op,
+        row_id=row_id,
+        owner_id=owner,
+        account_id=account,
+        old_owner_id=old_owner,
+        old_account_id=old_account,
+        data=data,
+        app=app,
+    )
