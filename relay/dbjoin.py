@@ -36,8 +36,18 @@ from relay.views import View
 log = logging.getLogger("relay.ws")
 
 # Events read from the log per page (one short query, its connection given
-# back before the events are queued for the client).
+# back before the events are queued for the client): REPLAY_PAGE in the first;
+# each next one sized by the last so that it holds about REPLAY_PAGE_CHARS of
+# row text (a row counted ROW_CHARS more, for its other columns and objects),
+# within REPLAY_PAGE_MIN..REPLAY_PAGE_MAX rows. A page of relay.events_page
+# costs PostgreSQL a scan of the whole tick it starts in, so many small pages
+# of one big tick cost it that tick many times over: pages are made as big as
+# the memory a replay may hold allows.
 REPLAY_PAGE = 500
+REPLAY_PAGE_MIN = 20
+REPLAY_PAGE_MAX = 5000
+REPLAY_PAGE_CHARS = 1 << 20
+ROW_CHARS = 200
 PAGE_SQL = f"SELECT {', '.join(COLUMNS)} FROM relay.events_page($1, $2, $3, $4, $5, $6)"
 POSITION_SQL = (
     "SELECT (SELECT min(id) FROM relay.ticks) AS oldest,"
@@ -250,13 +260,14 @@ async def _replay(
     connection only while it runs, never while the replay waits on its client.
     """
 
-    def page(cursor: Position) -> asyncio.Task[list[asyncpg.Record]]:
+    def page(cursor: Position, size: int) -> asyncio.Task[list[asyncpg.Record]]:
         return asyncio.ensure_future(
-            db.fetch(PAGE_SQL, cursor.tick, cursor.seq, upto.tick, REPLAY_PAGE, socket.app_id, repo)
+            db.fetch(PAGE_SQL, cursor.tick, cursor.seq, upto.tick, size, socket.app_id, repo)
         )
 
     sent = 0
-    next_page: asyncio.Task[list[asyncpg.Record]] | None = page(after)
+    size = REPLAY_PAGE
+    next_page: asyncio.Task[list[asyncpg.Record]] | None = page(after, size)
     try:
         while next_page is not None:
             rows = await next_page
@@ -266,9 +277,10 @@ async def _replay(
             stop = len(rows)
             while stop and upto.before_row(rows[stop - 1]["tick"], rows[stop - 1]["seq"]):
                 stop -= 1
-            if stop == REPLAY_PAGE:
+            if stop == size:
                 last = rows[-1]
-                next_page = page(Position(last["tick"], last["seq"]))
+                size = _page_size(rows)
+                next_page = page(Position(last["tick"], last["seq"]), size)
             i = 0
             while i < stop:
                 # Room is checked per event (within replay_rows), so a page of
@@ -292,6 +304,13 @@ async def _replay(
             next_page.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await next_page
+
+
+def _page_size(rows: list[asyncpg.Record]) -> int:
+    """The rows of the next page: about REPLAY_PAGE_CHARS, rows sized like these."""
+    chars = sum(len(r["data"] or "") for r in rows) + ROW_CHARS * len(rows)
+    wanted = REPLAY_PAGE_CHARS * len(rows) // max(chars, 1)
+    return max(REPLAY_PAGE_MIN, min(REPLAY_PAGE_MAX, wanted))
 
 
 def _event(row: asyncpg.Record, app: str, repo: str) -> Event:

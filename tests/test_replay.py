@@ -235,3 +235,17 @@ async def test_a_resume_through_a_tiny_send_queue_is_the_log_in_order(
     positions = [tuple(int(x) for x in f["pos"].split("-")) for f in frames]
     assert positions == sorted(positions) and len(set(positions)) == len(positions)
     await resumed.silent()
+
+
+def test_pages_are_sized_by_the_rows_of_the_last_one() -> None:
+    """Small rows: big pages (up to the most); big rows: few per page (down to the least),
+    so a page holds about REPLAY_PAGE_CHARS of row text either way."""
+    from relay import dbjoin
+
+    def rows(n: int, chars: int) -> list[dict[str, Any]]:
+        return [{"data": "x" * chars} for _ in range(n)]
+
+    assert dbjoin._page_size(rows(500, 1)) == dbjoin.REPLAY_PAGE_MAX
+    assert dbjoin._page_size(rows(500, 4_000)) == dbjoin.REPLAY_PAGE_CHARS // 4_200
+    assert dbjoin._page_size(rows(20, 10_000_000)) == dbjoin.REPLAY_PAGE_MIN
+    assert dbjoin._page_size([*rows(3, 0), {"data": None}]) == dbjoin.REPLAY_PAGE_MAX
