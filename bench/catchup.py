@@ -16,7 +16,9 @@ itself runs to replay); and, as a reference for the socket path, the live
 stream: the same number of rows written as fast as one connection can (in
 --live-batch-row transactions) while the client is connected.
 
-Checks: exactly N frames, no duplicates, every row seen, ``pos`` increasing.
+Checks: exactly N frames, no duplicates, every row seen, ``pos`` increasing. The receiver is
+the bench's own client (``wsclient.py``, as the other scenarios' load generators):
+aiohttp's costs some 10-20 us per frame, and the replay would wait on it.
 With --during-rate R > 0 a second replay runs while a writer keeps inserting
 R rows/s (in --during-batch-row transactions), exercising the seam between
 replay and live stream (frames held back during the replay are released at
