@@ -22,6 +22,8 @@ import orjson
 from relay.auth import Identity
 from relay.permissions import Mode
 
+NOBODY = object()  # equal to nothing but itself
+
 # The columns of relay.events_page a replay reads, in this order (rows are unpacked).
 COLUMNS = (
     "tick",
@@ -47,10 +49,13 @@ class PageFrames:
         self.updated = head + 'db_updated","data":'
         self.deleted = head + 'db_deleted","data":'
         self.tail = ',"channel":' + orjson.dumps(channel).decode() + ',"token":"","pos":"'
-        # can_read's three rules: a row column None matches nobody.
+        # can_read's three rules. A row's column equals the reader's id only where
+        # that rule reads; NOBODY equals no column (a row's NULL included).
         self.everyone = ident.is_root or mode.everyone_reads
-        self.user = ident.user_id if mode.owner_reads else None
-        self.account = ident.account_id if mode.group_reads else None
+        self.user: object = ident.user_id if mode.owner_reads else NOBODY
+        self.account: object = (
+            ident.account_id if mode.group_reads and ident.account_id is not None else NOBODY
+        )
 
     def build(
         self,
@@ -72,24 +77,15 @@ class PageFrames:
         created, updated, deleted, tail = self.created, self.updated, self.deleted, self.tail
         dumps = orjson.dumps
         append = out.append
-        first = len(out)
-        size = 0
+        size = n = 0
         i = start
-        while i < stop and len(out) - first <= frames and size <= chars:
+        while i < stop and n <= frames and size <= chars:
             tick, seq, op, row_id, owner, acct, old_owner, old_acct, data = rows[i]
-            now = (
-                everyone
-                or (owner is not None and owner == user)
-                or (acct is not None and acct == account)
-            )
+            now = everyone or owner == user or acct == account
             if op == "c":
                 kind = created if now else None
             elif op == "u":
-                before = (
-                    everyone
-                    or (old_owner is not None and old_owner == user)
-                    or (old_acct is not None and old_acct == account)
-                )
+                before = everyone or old_owner == user or old_acct == account
                 # Out of sight: deleted for this reader; into sight: created.
                 kind = (updated if before else created) if now else deleted if before else None
             elif op == "d":  # checked against the deleted row
@@ -101,5 +97,6 @@ class PageFrames:
                 text = f'{kind}{dumps(body).decode()}{tail}{tick}-{seq}"}}'
                 append(text)
                 size += len(text)
+                n += 1
             i += 1
         return i, size
