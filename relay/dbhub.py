@@ -435,12 +435,13 @@ class DbHub:
         Returns (the index of the first row not sent, frames sent); that index is
         ``start`` when the row is one for :meth:`replay_event` (a notice, or any row
         of a filtered subscription). None when the socket is no longer catching up
-        on ``repo`` (it left, re-joined or was cut off): the replay stops.
+        on ``repo`` (it left, re-joined or was cut off) or is closing (nothing more
+        can be queued for it): the replay stops.
         """
         subs = self.repos.get((socket.app_id, repo))
         ident = socket.identity
         held = subs.catching_up.get(socket) if subs is not None else None
-        if subs is None or held is None or ident is None:
+        if subs is None or held is None or ident is None or socket.closing:
             return None
         if socket in subs.views:
             return start, 0

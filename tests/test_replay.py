@@ -135,11 +135,20 @@ def test_a_notice_or_a_filtered_subscription_is_left_to_replay_event() -> None:
     assert h.replay_rows(viewed, REPO, rows, 0, 3) == (0, 0)
 
 
-def test_replay_rows_stops_for_a_socket_no_longer_catching_up() -> None:
+async def test_replay_rows_stops_for_a_socket_no_longer_catching_up_or_closing() -> None:
     h = DbHub()
     s = catching_up(h, "A", "1")
     h.unsubscribe(s, REPO)
     assert h.replay_rows(s, REPO, [row(3, 1, "c", "A", "1")], 0, 1) is None
+
+    # An unprepared WebSocketResponse: closing it is a no-op, nothing is written.
+    cut = Socket(web.WebSocketResponse(), "default", queue_limit=100)
+    cut.identity = Identity("A", "1")
+    h.subscribe(cut, REPO, after=Position(1))
+    cut.close(CloseCode.SLOW_CONSUMER, "slow consumer: too many frames queued")
+    assert h.replay_rows(cut, REPO, [row(3, 1, "c", "A", "1")], 0, 1) is None
+    assert h.delivered(cut, REPO, Position(9)) == (Position(1), None)  # nothing went out
+    await asyncio.sleep(0)  # let the close task run to completion
 
 
 async def test_send_many_keeps_order_and_the_caps() -> None:
