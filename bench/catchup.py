@@ -161,7 +161,9 @@ class Receive:
         try:
             while not done.done():
                 seen = len(raw)
-                finished, _ = await asyncio.wait({done, ws.closed}, timeout=idle_timeout)
+                finished, _ = await asyncio.wait(
+                    {done, ws.closed}, timeout=idle_timeout, return_when=asyncio.FIRST_COMPLETED
+                )
                 if ws.closed in finished and not done.done():
                     self.error = f"socket ended: code={ws.close_code}"
                     return
