@@ -264,6 +264,7 @@ class Socket:
         counts, budget = self.counts, self._budget
         while queue and not proto._paused:
             parts: list[bytes] = []
+            texts: list[str] = []  # counted together, once written
             taken = freed = unqueued = 0
             # The accounting of _account_out, inlined: this loop runs once per frame written.
             for item in queue:
@@ -273,7 +274,7 @@ class Socket:
                     parts += (frame_header(len(data)), data)
                     freed += len(item)
                     unqueued += len(item)
-                    counts.sent(item)
+                    texts.append(item)
                 else:
                     assert isinstance(item, Body)
                     parts += (item.header, prefix, item.data)
@@ -289,6 +290,8 @@ class Socket:
             self._queued_bytes -= unqueued
             budget.total -= freed
             transport.write(b"".join(parts))
+            if texts:
+                counts.sent_all(texts)
         if not queue:
             self._queue = ()
             budget.holders.discard(self)

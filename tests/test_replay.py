@@ -258,3 +258,23 @@ def test_pages_are_sized_by_the_rows_of_the_last_one() -> None:
     assert dbjoin._page_size(rows(500, 4_000)) == dbjoin.REPLAY_PAGE_CHARS // 4_200
     assert dbjoin._page_size(rows(20, 10_000_000)) == dbjoin.REPLAY_PAGE_MIN
     assert dbjoin._page_size([*rows(3, 0), {"data": None}]) == dbjoin.REPLAY_PAGE_MAX
+
+
+def test_frames_written_together_are_counted_as_one_by_one() -> None:
+    """The writer counts a write's frames with one ``sent_all``: the same counts as ``sent``
+    for each, the frames whose type is not at the usual place (``init``) included."""
+    from relay.metrics import Counts
+
+    sid = "0b5f3c1e-8f53-4a7b-9a39-5b0c1e2d3f4a"
+    texts = [
+        protocol.encode("", "init", sid),
+        *(protocol.encode(sid, t, "x", "db-t") for t in ("db_created", "db_deleted", "error")),
+        protocol.encode(sid, "db_created", "y", "db-t", pos="1-2"),
+        protocol.encode(sid, "not_a_type"),
+    ]
+    one, together = Counts(), Counts()
+    for text in texts:
+        one.sent(text)
+    together.sent_all(texts)
+    assert together.frames_out == one.frames_out
+    assert one.frames_out["db_created"] == 2 and one.frames_out["init"] == 1
