@@ -16,7 +16,9 @@ itself runs to replay); and, as a reference for the socket path, the live
 stream: the same number of rows written as fast as one connection can (in
 --live-batch-row transactions) while the client is connected.
 
-Checks: exactly N frames, no duplicates, every row seen, ``pos`` increasing.
+Checks: exactly N frames, no duplicates, every row seen, ``pos`` increasing. The receiver is
+the bench's own client (``wsclient.py``, as the other scenarios' load generators):
+aiohttp's costs some 10-20 us per frame, and the replay would wait on it.
 With --during-rate R > 0 a second replay runs while a writer keeps inserting
 R rows/s (in --during-batch-row transactions), exercising the seam between
 replay and live stream (frames held back during the replay are released at
@@ -33,14 +35,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
 import asyncpg
 import orjson
+import wsclient
 from _common import (
     CpuMeter,
     Postgres,
@@ -66,30 +70,29 @@ FROM generate_series(0, $5::int - 1) g
 
 
 class WsClient:
-    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse):
-        self.session = session
+    """One relay socket on the bench's cheap client (:mod:`wsclient`), as the other
+    scenarios' load generators use: aiohttp's client costs some 10-20 us per received
+    frame, enough to make the receiver, not the relay, what a replay waits on."""
+
+    def __init__(self, ws: wsclient.WsClient) -> None:
         self.ws = ws
         self.token = ""
 
     @classmethod
-    async def connect(
-        cls, session: aiohttp.ClientSession, url: str, user: str = USER, account: str = ACCOUNT
-    ) -> WsClient:
-        ws = await session.ws_connect(url, heartbeat=None, max_msg_size=0)
-        c = cls(session, ws)
+    async def connect(cls, url: str, user: str = USER, account: str = ACCOUNT) -> WsClient:
+        parts = urlsplit(url)
+        assert parts.hostname is not None and parts.port is not None
+        c = cls(await wsclient.WsClient.connect(parts.hostname, parts.port, parts.path))
         await c.expect("init")
         await c.send(type="auth", data=token(user, account))
         c.token = (await c.expect("token"))["data"]
         return c
 
     async def send(self, **fields: Any) -> None:
-        await self.ws.send_str(orjson.dumps(fields).decode())
+        self.ws.send(orjson.dumps(fields))
 
     async def recv(self, wait: float = 10) -> dict[str, Any]:
-        msg = await self.ws.receive(timeout=wait)
-        if msg.type is not aiohttp.WSMsgType.TEXT:
-            raise ConnectionError(f"socket ended: {msg.type.name} code={self.ws.close_code}")
-        frame: dict[str, Any] = orjson.loads(msg.data)
+        frame: dict[str, Any] = orjson.loads(await self.ws.recv(wait))
         return frame
 
     async def expect(self, type_: str) -> dict[str, Any]:
@@ -103,21 +106,23 @@ class WsClient:
         return await self.expect("joined")
 
     async def close(self) -> None:
-        await self.ws.close()
+        self.ws.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.ws.closed), 5)
 
 
 @dataclass
 class Receive:
     """The db_created frames one client got, with timing and checks.
 
-    The receive loop only keeps the raw text (a substring test picks db_created
-    frames), so the client costs as little as possible while the clock runs;
-    :meth:`check` decodes and verifies everything afterwards."""
+    The receiving handler only keeps the raw bytes (a substring test picks
+    db_created frames), so the client costs as little as possible while the clock
+    runs; :meth:`check` decodes and verifies everything afterwards."""
 
     expected: int
     first_at: float | None = None
     last_at: float | None = None
-    raw: list[str] = field(default_factory=list)
+    raw: list[bytes] = field(default_factory=list)
     error: str = ""
 
     @property
@@ -125,27 +130,48 @@ class Receive:
         return len(self.raw)
 
     async def run(self, c: WsClient, idle_timeout: float, stop_at: int | None = None) -> None:
+        """Receive until ``stop_at`` (default: expected) db_created frames, an error frame
+        ends nothing (it is reported), the socket closes, or nothing comes for
+        ``idle_timeout`` seconds."""
         want = stop_at if stop_at is not None else self.expected
         ws = c.ws
         raw = self.raw
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        append = raw.append
+
+        def handler(payload: bytes, now: float) -> None:
+            if b'"type":"db_created"' not in payload:
+                if b'"type":"error"' in payload:
+                    self.error = "error frame: " + orjson.loads(payload)["data"]
+                return
+            if self.first_at is None:
+                self.first_at = now
+            self.last_at = now
+            append(payload)
+            if len(raw) >= want:
+                ws.handler = None  # what comes next waits in the client's queue
+                if not done.done():
+                    done.set_result(None)
+
+        while not ws.queue.empty() and len(raw) < want:  # frames that came before
+            handler(ws.queue.get_nowait(), time.monotonic())
+        if len(raw) >= want:
+            return
+        ws.handler = handler
         try:
-            while len(raw) < want:
-                msg = await ws.receive(timeout=idle_timeout)
-                if msg.type is not aiohttp.WSMsgType.TEXT:
-                    self.error = f"socket ended: {msg.type.name} code={ws.close_code}"
+            while not done.done():
+                seen = len(raw)
+                finished, _ = await asyncio.wait(
+                    {done, ws.closed}, timeout=idle_timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if ws.closed in finished and not done.done():
+                    self.error = f"socket ended: code={ws.close_code}"
                     return
-                text: str = msg.data
-                if '"type":"db_created"' not in text:
-                    if '"type":"error"' in text:
-                        self.error = "error frame: " + orjson.loads(text)["data"]
-                    continue
-                now = time.monotonic()
-                if self.first_at is None:
-                    self.first_at = now
-                self.last_at = now
-                raw.append(text)
-        except TimeoutError:
-            self.error = self.error or f"nothing for {idle_timeout:.0f} s"
+                if not finished and len(raw) == seen:
+                    self.error = self.error or f"nothing for {idle_timeout:.0f} s"
+                    return
+        finally:
+            ws.handler = None
 
     def check(self, expected: set[int]) -> str:
         seen: set[int] = set()
@@ -204,13 +230,13 @@ async def write_at_rate(
     return n
 
 
-async def wait_relay_past(session: aiohttp.ClientSession, relay: RelayProcess, url: str) -> None:
+async def wait_relay_past(relay: RelayProcess, url: str) -> None:
     """Wait until the relay's listener has dispatched every event committed so far."""
     conn = await asyncpg.connect(url)
     target = await conn.fetchval("SELECT relay.tick()")
     await conn.close()
     # A user of another account: it may read none of the rows, so it gets only 'joined'.
-    probe = await WsClient.connect(session, relay.ws_url, "probe", "nobody")
+    probe = await WsClient.connect(relay.ws_url, "probe", "nobody")
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -256,87 +282,86 @@ async def run(args: argparse.Namespace, pg: Postgres) -> dict[str, Any]:
     relay = RelayProcess(pg.url)
     relay.start()
     try:
-        async with aiohttp.ClientSession() as session:
-            # 1. Join, keep the position, go away.
-            c = await WsClient.connect(session, relay.ws_url)
-            joined = await c.join()
-            after = joined["pos"]
-            await c.close()
-            print(f"joined frame: pos={after!r}; client away", flush=True)
-            if not after:
-                print("the joined frame carries no pos: resume cannot be measured")
-                return {"status": 1, "rows": [], "error": "the joined frame carries no pos"}
+        # 1. Join, keep the position, go away.
+        c = await WsClient.connect(relay.ws_url)
+        joined = await c.join()
+        after = joined["pos"]
+        await c.close()
+        print(f"joined frame: pos={after!r}; client away", flush=True)
+        if not after:
+            print("the joined frame carries no pos: resume cannot be measured")
+            return {"status": 1, "rows": [], "error": "the joined frame carries no pos"}
 
-            # 2. Write N events while it is away; wait until the relay has them.
-            t = time.monotonic()
-            await write(pg.url, 0, n_events, args.batch, pad)
-            wrote_s = time.monotonic() - t
-            print(f"wrote {n_events:,} rows in {wrote_s:.2f} s", flush=True)
-            await wait_relay_past(session, relay, pg.url)
-            upto = await admin.fetchval("SELECT max(id) FROM relay.ticks")
+        # 2. Write N events while it is away; wait until the relay has them.
+        t = time.monotonic()
+        await write(pg.url, 0, n_events, args.batch, pad)
+        wrote_s = time.monotonic() - t
+        print(f"wrote {n_events:,} rows in {wrote_s:.2f} s", flush=True)
+        await wait_relay_past(relay, pg.url)
+        upto = await admin.fetchval("SELECT max(id) FROM relay.ticks")
 
-            # Baseline: the relay's own replay query, read over asyncpg.
-            q = await asyncpg.connect(pg.url)
-            meter = CpuMeter(pg.postmaster_pid)
-            meter.start()
-            c0 = self_cpu()
-            t = time.monotonic()
-            rows = await q.fetch(
-                "SELECT * FROM relay.events_between($1, $2)", int(after.partition("-")[0]), upto
+        # Baseline: the relay's own replay query, read over asyncpg.
+        q = await asyncpg.connect(pg.url)
+        meter = CpuMeter(pg.postmaster_pid)
+        meter.start()
+        c0 = self_cpu()
+        t = time.monotonic()
+        rows = await q.fetch(
+            "SELECT * FROM relay.events_between($1, $2)", int(after.partition("-")[0]), upto
+        )
+        sql_s = time.monotonic() - t
+        meter.stop()
+        await q.close()
+        results.append(
+            Row(
+                "SQL: relay.events_between() over asyncpg",
+                len(rows),
+                sql_s,
+                client_cpu=self_cpu() - c0,
+                pg_cpu=meter.pg,
+                check="ok" if len(rows) == n_events else f"{len(rows)} rows",
             )
-            sql_s = time.monotonic() - t
-            meter.stop()
-            await q.close()
-            results.append(
-                Row(
-                    "SQL: relay.events_between() over asyncpg",
-                    len(rows),
-                    sql_s,
-                    client_cpu=self_cpu() - c0,
-                    pg_cpu=meter.pg,
-                    check="ok" if len(rows) == n_events else f"{len(rows)} rows",
-                )
+        )
+        del rows
+
+        # 3. Come back with 'after' and replay.
+        c = await WsClient.connect(relay.ws_url)
+        rcv = Receive(n_events)
+        if args.profile_relay:
+            relay.start_profile(args.profile_relay)
+        meter = CpuMeter(pg.postmaster_pid)
+        r0, c0 = relay.cpu(), self_cpu()
+        meter.start()
+        t0 = time.monotonic()
+        await c.send(type="join", data=f"db-{REPO}", token=c.token, after=after)
+        first = await c.recv(30)
+        if first["type"] != "joined":
+            print(f"join with after={after!r} refused: {first}")
+            return {"status": 1, "rows": [], "error": f"join with after refused: {first}"}
+        await rcv.run(c, idle_timeout=30)
+        meter.stop()
+        results.append(
+            replay_row(
+                f"relay replay: join after={after}",
+                rcv,
+                t0,
+                relay,
+                r0,
+                c0,
+                meter,
+                expected=set(range(n_events)),
             )
-            del rows
+        )
+        relay.stop_profile()
+        await c.close()
 
-            # 3. Come back with 'after' and replay.
-            c = await WsClient.connect(session, relay.ws_url)
-            rcv = Receive(n_events)
-            if args.profile_relay:
-                relay.start_profile(args.profile_relay)
-            meter = CpuMeter(pg.postmaster_pid)
-            r0, c0 = relay.cpu(), self_cpu()
-            meter.start()
-            t0 = time.monotonic()
-            await c.send(type="join", data=f"db-{REPO}", token=c.token, after=after)
-            first = await c.recv(30)
-            if first["type"] != "joined":
-                print(f"join with after={after!r} refused: {first}")
-                return {"status": 1, "rows": [], "error": f"join with after refused: {first}"}
-            await rcv.run(c, idle_timeout=30)
-            meter.stop()
-            results.append(
-                replay_row(
-                    f"relay replay: join after={after}",
-                    rcv,
-                    t0,
-                    relay,
-                    r0,
-                    c0,
-                    meter,
-                    expected=set(range(n_events)),
-                )
-            )
-            relay.stop_profile()
-            await c.close()
+        # Live reference: the same socket path, events arriving as they are written.
+        if args.live_batch:
+            results.append(await live(relay, pg, args, pad))
 
-            # Live reference: the same socket path, events arriving as they are written.
-            if args.live_batch:
-                results.append(await live(session, relay, pg, args, pad))
-
-            # Replay while writes continue: the seam between replay and live stream.
-            if args.during_rate > 0:
-                results.append(await during(session, relay, pg, args, pad, admin))
+        # Replay while writes continue: the seam between replay and live stream.
+        if args.during_rate > 0:
+            results.append(await during(relay, pg, args, pad, admin))
     finally:
         relay.stop()
         await admin.close()
@@ -412,7 +437,6 @@ def replay_row(
 
 
 async def live(
-    session: aiohttp.ClientSession,
     relay: RelayProcess,
     pg: Postgres,
     args: argparse.Namespace,
@@ -422,7 +446,7 @@ async def live(
     connection can in --live-batch-row transactions while the client is connected."""
     start = 10_000_000
     count = args.events
-    c = await WsClient.connect(session, relay.ws_url)
+    c = await WsClient.connect(relay.ws_url)
     await c.join()
     rcv = Receive(count)
     meter = CpuMeter(pg.postmaster_pid)
@@ -447,7 +471,6 @@ async def live(
 
 
 async def during(
-    session: aiohttp.ClientSession,
     relay: RelayProcess,
     pg: Postgres,
     args: argparse.Namespace,
@@ -457,17 +480,17 @@ async def during(
     """Replay N events while a writer keeps inserting; every row must arrive exactly once."""
     start = 20_000_000
     n_events = args.events
-    c = await WsClient.connect(session, relay.ws_url)
+    c = await WsClient.connect(relay.ws_url)
     after = (await c.join())["pos"]
     await c.close()
     await write(pg.url, start, n_events, args.batch, pad)
-    await wait_relay_past(session, relay, pg.url)
+    await wait_relay_past(relay, pg.url)
     stop = asyncio.Event()
     writer = asyncio.create_task(
         write_at_rate(pg.url, start + n_events, args.during_rate, args.during_batch, pad, stop)
     )
     await asyncio.sleep(0.2)  # the live stream is flowing before the client comes back
-    c = await WsClient.connect(session, relay.ws_url)
+    c = await WsClient.connect(relay.ws_url)
     rcv = Receive(n_events)
     meter = CpuMeter(pg.postmaster_pid)
     r0, c0 = relay.cpu(), self_cpu()

@@ -14,9 +14,11 @@ duplicate.
 from __future__ import annotations
 
 import logging
+import sys
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -26,6 +28,7 @@ from relay.hub import Socket
 from relay.outbox import Body
 from relay.permissions import Mode, can_read, mode_of
 from relay.protocol import CloseCode
+from relay.replay import PageFrames
 from relay.schema import DEFAULT_APP
 from relay.views import View
 
@@ -148,9 +151,13 @@ class Position:
 
     def before(self, event: Event) -> bool:
         """True when ``event`` comes after this position."""
-        if event.tick != self.tick:
-            return event.tick > self.tick
-        return self.seq is not None and event.seq > self.seq
+        return self.before_row(event.tick, event.seq)
+
+    def before_row(self, tick: int, seq: int) -> bool:
+        """True when the event at (``tick``, ``seq``) comes after this position."""
+        if tick != self.tick:
+            return tick > self.tick
+        return self.seq is not None and seq > self.seq
 
     def __str__(self) -> str:
         return str(self.tick) if self.seq is None else f"{self.tick}-{self.seq}"
@@ -416,6 +423,39 @@ class DbHub:
         for type_, data in frames:
             socket.send(protocol.encode(socket.id, type_, data, channel, pos=event.pos))
         return len(frames)
+
+    def replay_rows(
+        self, socket: Socket, repo: str, rows: Sequence[Any], start: int, stop: int
+    ) -> tuple[int, int] | None:
+        """Send a catching-up socket the events of ``rows[start:stop]`` (a page of the
+        log, rows of :data:`relay.replay.COLUMNS`) that it may read, as many as fit while
+        it has room: room is checked before each event, as between :meth:`replay_event`
+        calls, and the frames are queued together.
+
+        Returns (the index of the first row not sent, frames sent); that index is
+        ``start`` when the row is one for :meth:`replay_event` (a notice, or any row
+        of a filtered subscription). None when the socket is no longer catching up
+        on ``repo`` (it left, re-joined or was cut off) or is closing (nothing more
+        can be queued for it): the replay stops.
+        """
+        subs = self.repos.get((socket.app_id, repo))
+        ident = socket.identity
+        held = subs.catching_up.get(socket) if subs is not None else None
+        if subs is None or held is None or ident is None or socket.closing:
+            return None
+        if socket in subs.views:
+            return start, 0
+        frames, chars = socket.room()
+        page = PageFrames(socket.id, protocol.DB_CHANNEL_PREFIX + repo, subs.mode, ident)
+        out: list[str] = []
+        end, size = page.build(
+            rows, start, stop, frames, sys.maxsize if chars is None else chars, out
+        )
+        if end > start:
+            last = rows[end - 1]
+            held.cursor = Position(last[0], last[1])
+            socket.send_many(out, size)
+        return end, len(out)
 
     def snapshot_taken(self, socket: Socket, repo: str, snapshot: Snapshot, tick: int) -> None:
         """The socket's rows were read as of ``snapshot``; every transaction it saw is

@@ -23,21 +23,32 @@ from dataclasses import dataclass, replace
 import asyncpg
 
 from relay import protocol
-from relay.dbhub import DbHub, Position, Snapshot
+from relay.dbhub import DbHub, Event, Position, Snapshot
 from relay.filters import Filter, FilterError
 from relay.hub import Socket
-from relay.listener import Listener, event_from_record
+from relay.listener import Listener
 from relay.permissions import mode_of, sql_condition
 from relay.pool import Database
 from relay.protocol import RelayError
+from relay.replay import COLUMNS
 from relay.views import View
 
 log = logging.getLogger("relay.ws")
 
 # Events read from the log per page (one short query, its connection given
-# back before the events are queued for the client).
+# back before the events are queued for the client): REPLAY_PAGE in the first;
+# each next one sized by the last so that it holds about REPLAY_PAGE_CHARS of
+# row text (a row counted ROW_CHARS more, for its other columns and objects),
+# within REPLAY_PAGE_MIN..REPLAY_PAGE_MAX rows. A page of relay.events_page
+# costs PostgreSQL a scan of the whole tick it starts in, so many small pages
+# of one big tick cost it that tick many times over: pages are made as big as
+# the memory a replay may hold allows.
 REPLAY_PAGE = 500
-PAGE_SQL = "SELECT * FROM relay.events_page($1, $2, $3, $4, $5, $6)"
+REPLAY_PAGE_MIN = 20
+REPLAY_PAGE_MAX = 5000
+REPLAY_PAGE_CHARS = 1 << 20
+ROW_CHARS = 200
+PAGE_SQL = f"SELECT {', '.join(COLUMNS)} FROM relay.events_page($1, $2, $3, $4, $5, $6)"
 POSITION_SQL = (
     "SELECT (SELECT min(id) FROM relay.ticks) AS oldest,"
     " EXISTS (SELECT 1 FROM relay.ticks WHERE id = $1) AS known"
@@ -249,36 +260,72 @@ async def _replay(
     connection only while it runs, never while the replay waits on its client.
     """
 
-    def page(cursor: Position) -> asyncio.Task[list[asyncpg.Record]]:
+    def page(cursor: Position, size: int) -> asyncio.Task[list[asyncpg.Record]]:
         return asyncio.ensure_future(
-            db.fetch(PAGE_SQL, cursor.tick, cursor.seq, upto.tick, REPLAY_PAGE, socket.app_id, repo)
+            db.fetch(PAGE_SQL, cursor.tick, cursor.seq, upto.tick, size, socket.app_id, repo)
         )
 
     sent = 0
-    next_page: asyncio.Task[list[asyncpg.Record]] | None = page(after)
+    size = REPLAY_PAGE
+    next_page: asyncio.Task[list[asyncpg.Record]] | None = page(after, size)
     try:
         while next_page is not None:
             rows = await next_page
             next_page = None
-            if len(rows) == REPLAY_PAGE:
+            # Rows dispatched live after we subscribed (in upto's tick, after its
+            # seq) are held back for us: the replay ends before them.
+            stop = len(rows)
+            while stop and upto.before_row(rows[stop - 1]["tick"], rows[stop - 1]["seq"]):
+                stop -= 1
+            if stop == size:
                 last = rows[-1]
-                if last["tick"] <= upto.tick:
-                    next_page = page(Position(last["tick"], last["seq"]))
-            for row in rows:
-                event = event_from_record(row)
-                if upto.before(event):
-                    return sent  # dispatched live after we subscribed: held back for us
-                # Room is checked per event, so a page of large rows never
-                # overfills the send queue's byte cap.
+                size = _page_size(rows)
+                next_page = page(Position(last["tick"], last["seq"]), size)
+            i = 0
+            while i < stop:
+                # Room is checked per event (within replay_rows), so a page of
+                # large rows never overfills the send queue's byte cap.
                 if not socket.has_room and not await socket.wait_writable(stall_seconds):
                     return None
-                count = dbhub.replay_event(socket, repo, event)
-                if count is None:
+                got = dbhub.replay_rows(socket, repo, rows, i, stop)
+                if got is None:
                     return None
+                end, count = got
+                if end == i:  # a notice, or a filtered subscription: one event the long way
+                    one = dbhub.replay_event(socket, repo, _event(rows[i], socket.app_id, repo))
+                    if one is None:
+                        return None
+                    end, count = i + 1, one
                 sent += count
+                i = end
         return sent
     finally:
         if next_page is not None:
             next_page.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await next_page
+
+
+def _page_size(rows: list[asyncpg.Record]) -> int:
+    """The rows of the next page: about REPLAY_PAGE_CHARS, rows sized like these."""
+    chars = sum(len(r["data"] or "") for r in rows) + ROW_CHARS * len(rows)
+    wanted = REPLAY_PAGE_CHARS * len(rows) // max(chars, 1)
+    return max(REPLAY_PAGE_MIN, min(REPLAY_PAGE_MAX, wanted))
+
+
+def _event(row: asyncpg.Record, app: str, repo: str) -> Event:
+    """A page's row (of :data:`relay.replay.COLUMNS`) as an :class:`Event`."""
+    tick, seq, op, row_id, owner, account, old_owner, old_account, data = row
+    return Event(
+        tick=tick,
+        seq=seq,
+        repo=repo,
+        op=op,
+        row_id=row_id,
+        owner_id=owner,
+        account_id=account,
+        old_owner_id=old_owner,
+        old_account_id=old_account,
+        data=data,
+        app=app,
+    )

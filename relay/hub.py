@@ -165,11 +165,28 @@ class Socket:
                 self._budget.total += len(body.data)
             self._enqueue(body, size)
 
-    def _admit(self, size: int, new_bytes: int) -> bool:
-        """Room for one more frame of ``size``, ``new_bytes`` of it new to the budget?"""
+    def send_many(self, texts: list[str], size: int) -> None:
+        """Queue encoded frames for this socket alone, in order, as that many :meth:`send`
+        calls would (``size``: their total length); the caps are checked once for all."""
+        if texts and self._admit(size, size, len(texts)):
+            self._budget.total += size
+            queue = self._queue
+            if isinstance(queue, list):
+                queue += texts
+            else:
+                fresh: list[str | Body] = [*texts]
+                self._queue = fresh
+            self._queued_bytes += size
+            self._budget.holders.add(self)
+            if not self._marked and self._writer is None and self._started:
+                self._mark()
+
+    def _admit(self, size: int, new_bytes: int, frames: int = 1) -> bool:
+        """Room for ``frames`` more frames of ``size`` in all, ``new_bytes`` of it new
+        to the budget?"""
         if self._closing is not None:
             return False
-        if len(self._queue) >= self._queue_limit or (
+        if len(self._queue) + frames > self._queue_limit or (
             self._queue_bytes is not None and self._queued_bytes + size > self._queue_bytes
         ):
             log.warning(
@@ -254,6 +271,7 @@ class Socket:
         counts, budget = self.counts, self._budget
         while queue and not proto._paused:
             parts: list[bytes] = []
+            texts: list[str] = []  # counted together, once written
             taken = freed = unqueued = 0
             # The accounting of _account_out, inlined: this loop runs once per frame written.
             for item in queue:
@@ -263,7 +281,7 @@ class Socket:
                     parts += (frame_header(len(data)), data)
                     freed += len(item)
                     unqueued += len(item)
-                    counts.sent(item)
+                    texts.append(item)
                 else:
                     assert isinstance(item, Body)
                     parts += (item.header, prefix, item.data)
@@ -279,6 +297,8 @@ class Socket:
             self._queued_bytes -= unqueued
             budget.total -= freed
             transport.write(b"".join(parts))
+            if texts:
+                counts.sent_all(texts)
         if not queue:
             self._queue = ()
             budget.holders.discard(self)
@@ -324,6 +344,14 @@ class Socket:
         if len(self._queue) > self._queue_limit // 2:
             return False
         return self._queue_bytes is None or self._queued_bytes <= self._queue_bytes // 2
+
+    def room(self) -> tuple[int, int | None]:
+        """How much more may be queued with :attr:`has_room` staying True: frames, and
+        characters (None: no byte cap); negative once it is False."""
+        frames = self._queue_limit // 2 - len(self._queue)
+        if self._queue_bytes is None:
+            return frames, None
+        return frames, self._queue_bytes // 2 - self._queued_bytes
 
     async def wait_writable(self, stall_seconds: float | None = None) -> bool:
         """Wait until the queue is at most half full (flow control for bulk sends).

@@ -112,6 +112,16 @@ class Counts:
             type_ = pieces[7] if len(pieces) > 7 else "other"
             self.frames_out[type_ if type_ in self.frames_out else "other"] += 1
 
+    def sent_all(self, texts: list[str]) -> None:
+        """:meth:`sent` for each of ``texts`` (one call for a write's frames)."""
+        frames_out, at = self.frames_out, _TYPE_AT_54
+        for text in texts:
+            type_ = at.get(text[54:60])
+            if type_ is None:
+                self.sent(text)
+            else:
+                frames_out[type_] += 1
+
     def sent_body(self, data: bytes, sockets: int = 1) -> None:
         """One shared frame body (everything after the sid) written to ``sockets`` sockets."""
         try:
