@@ -329,28 +329,16 @@ async def run(args: argparse.Namespace, pg: Postgres) -> dict[str, Any]:
         rcv = Receive(n_events)
         if args.profile_relay:
             relay.start_profile(args.profile_relay)
-        meter = CpuMeter(pg.postmaster_pid)
-        r0, c0 = relay.cpu(), self_cpu()
-        meter.start()
-        t0 = time.monotonic()
+        window = Window.open(relay, pg)
         await c.send(type="join", data=f"db-{REPO}", token=c.token, after=after)
         first = await c.recv(30)
         if first["type"] != "joined":
             print(f"join with after={after!r} refused: {first}")
             return {"status": 1, "rows": [], "error": f"join with after refused: {first}"}
         await rcv.run(c, idle_timeout=30)
-        meter.stop()
+        window.close()
         results.append(
-            replay_row(
-                f"relay replay: join after={after}",
-                rcv,
-                t0,
-                relay,
-                r0,
-                c0,
-                meter,
-                expected=set(range(n_events)),
-            )
+            window.row(f"relay replay: join after={after}", rcv, expected=set(range(n_events)))
         )
         relay.stop_profile()
         await c.close()
@@ -412,28 +400,40 @@ async def run(args: argparse.Namespace, pg: Postgres) -> dict[str, Any]:
     return {"status": status, "rows": [asdict(r) for r in results]}
 
 
-def replay_row(
-    label: str,
-    rcv: Receive,
-    t0: float,
-    relay: RelayProcess,
-    r0: float,
-    c0: float,
-    meter: CpuMeter,
-    expected: set[int],
-) -> Row:
-    end = rcv.last_at or time.monotonic()
-    row = Row(
-        label,
-        rcv.frames,
-        end - t0,
-        first_ms=1000 * (rcv.first_at - t0) if rcv.first_at else None,
-        relay_cpu=relay.cpu() - r0,
-        client_cpu=self_cpu() - c0,
-        pg_cpu=meter.pg,
-    )
-    row.check = rcv.check(expected)
-    return row
+@dataclass
+class Window:
+    """A measured window: from :meth:`open` to the last frame received, with the CPU
+    the relay process, this client and PostgreSQL spent meanwhile."""
+
+    relay: RelayProcess
+    meter: CpuMeter
+    relay_cpu0: float
+    client_cpu0: float
+    t0: float
+
+    @classmethod
+    def open(cls, relay: RelayProcess, pg: Postgres) -> Window:
+        meter = CpuMeter(pg.postmaster_pid)
+        relay_cpu0, client_cpu0 = relay.cpu(), self_cpu()
+        meter.start()
+        return cls(relay, meter, relay_cpu0, client_cpu0, time.monotonic())
+
+    def close(self) -> None:
+        self.meter.stop()
+
+    def row(self, label: str, rcv: Receive, expected: set[int]) -> Row:
+        end = rcv.last_at or time.monotonic()
+        row = Row(
+            label,
+            rcv.frames,
+            end - self.t0,
+            first_ms=1000 * (rcv.first_at - self.t0) if rcv.first_at else None,
+            relay_cpu=self.relay.cpu() - self.relay_cpu0,
+            client_cpu=self_cpu() - self.client_cpu0,
+            pg_cpu=self.meter.pg,
+        )
+        row.check = rcv.check(expected)
+        return row
 
 
 async def live(
@@ -449,23 +449,15 @@ async def live(
     c = await WsClient.connect(relay.ws_url)
     await c.join()
     rcv = Receive(count)
-    meter = CpuMeter(pg.postmaster_pid)
-    r0, c0 = relay.cpu(), self_cpu()
-    meter.start()
-    t0 = time.monotonic()
+    window = Window.open(relay, pg)
     reader = asyncio.create_task(rcv.run(c, idle_timeout=10))
     await write(pg.url, start, count, args.live_batch, pad)
     await reader
-    meter.stop()
+    window.close()
     await c.close()
-    return replay_row(
+    return window.row(
         f"live: same rows written in {args.live_batch}-row txns, client connected",
         rcv,
-        t0,
-        relay,
-        r0,
-        c0,
-        meter,
         expected=set(range(start, start + count)),
     )
 
@@ -492,10 +484,7 @@ async def during(
     await asyncio.sleep(0.2)  # the live stream is flowing before the client comes back
     c = await WsClient.connect(relay.ws_url)
     rcv = Receive(n_events)
-    meter = CpuMeter(pg.postmaster_pid)
-    r0, c0 = relay.cpu(), self_cpu()
-    meter.start()
-    t0 = time.monotonic()
+    window = Window.open(relay, pg)
     await c.send(type="join", data=f"db-{REPO}", token=c.token, after=after)
     await c.expect("joined")
     # Receive the replay plus what the writer adds meanwhile, then stop the writer and
@@ -506,18 +495,11 @@ async def during(
     rcv.expected = n_events + written
     if not rcv.error:
         await rcv.run(c, idle_timeout=10)
-    meter.stop()
+    window.close()
     await c.close()
     want = set(range(start, start + n_events + written))
-    row = replay_row(
-        f"relay replay with {args.during_rate:,.0f} rows/s written meanwhile",
-        rcv,
-        t0,
-        relay,
-        r0,
-        c0,
-        meter,
-        expected=want,
+    row = window.row(
+        f"relay replay with {args.during_rate:,.0f} rows/s written meanwhile", rcv, expected=want
     )
     row.check += f" ({written} rows written during the replay)"
     return row
