@@ -176,10 +176,7 @@ class Socket:
             else:
                 fresh: list[str | Body] = [*texts]
                 self._queue = fresh
-            self._queued_bytes += size
-            self._budget.holders.add(self)
-            if not self._marked and self._writer is None and self._started:
-                self._mark()
+            self._queued(size)
 
     def _admit(self, size: int, new_bytes: int, frames: int = 1) -> bool:
         """Room for ``frames`` more frames of ``size`` in all, ``new_bytes`` of it new
@@ -206,16 +203,16 @@ class Socket:
             queue.append(item)
         else:
             self._queue = [item]
+        self._queued(size)
+
+    def _queued(self, size: int) -> None:
+        """``size`` more characters were queued: count them, and have them written."""
         self._queued_bytes += size
         budget = self._budget
         budget.holders.add(self)
         if not self._marked and self._writer is None and self._started:
             self._mark()
-        if (
-            len(self._queue) > self._queue_limit >> 1
-            or (self._queue_bytes is not None and self._queued_bytes > self._queue_bytes >> 1)
-            or (budget.limit is not None and budget.total > budget.limit >> 1)
-        ):
+        if not self.has_room or (budget.limit is not None and budget.total > budget.limit >> 1):
             budget.flusher.pressed = True
 
     def _mark(self) -> None:
